@@ -1,0 +1,106 @@
+"""Every setting of p2p_jax with its default: the paper's pix2pix.
+
+Dataset configs import this and change only what differs. Any field can be
+overridden on the command line, e.g. `--config.batch_size=4`; an unknown field
+is an error that names it.
+
+  python -m p2p_jax.main --config=configs/default.py --workdir=runs/default
+  python -m p2p_jax.main --config=configs/default.py:smoke --workdir=/tmp/smoke
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0                        # PRNG seed for init, dropout and data order
+  config.batch_size = 1                  # global batch, split evenly over all devices
+  config.num_train_steps = -1            # > 0: train this many steps instead of the epochs
+  config.log_every_steps = 100           # train losses are averaged over this window
+  config.checkpoint_every_steps = 1000   # Orbax checkpoint interval (the last step is always saved)
+  config.keep_checkpoints = 3            # how many checkpoints to keep
+  config.image_every_steps = 500         # input | output | target image summaries (0: never)
+  config.eval_every_steps = 0            # validation (L1, PSNR, SSIM) during training (0: never)
+
+  config.data = data = ml_collections.ConfigDict()
+  data.source = "synthetic"              # synthetic | folder | tfds
+  data.name = "edges2objects"            # synthetic task, or tfds config (facades, maps, ...)
+  data.dir = ""                          # folder source: root of {train,val,test}/ or {train,test}/{A,B}/
+  data.tfds_data_dir = ""                # tfds source: TFDS data_dir ("" = TFDS default)
+  data.direction = "AtoB"                # AtoB | BtoA: which half is the input
+  data.preprocess = "resize_and_crop"    # resize_and_crop | crop | scale_width | scale_width_and_crop | none
+  data.load_size = 286                   # resize to this before cropping (jitter)
+  data.crop_size = 256                   # training crop, and the eval resize
+  data.no_flip = False                   # True: no random horizontal flip
+  data.train_split = "train"
+  data.eval_split = "test"               # split for eval mode and validation
+  data.shuffle_buffer = 1024             # examples in the shuffle buffer
+  data.skip_bad_images = False           # True: skip unreadable images and report them
+  data.num_train_examples = 2000         # synthetic source: examples in the train split
+  data.num_eval_examples = 100           # synthetic source: examples in val/test
+  data.prefetch_to_device = 2            # batches kept ready on the devices
+
+  config.model = model = ml_collections.ConfigDict()
+  model.input_nc = 3                     # channels of the input image (1 or 3)
+  model.output_nc = 3                    # channels of the generated image (1 or 3)
+  model.generator = "unet"               # U-Net; see skip_connections for the encoder-decoder
+  model.num_downs = 8                    # U-Net levels: 8 = unet_256, 7 = unet_128
+  model.ngf = 64                         # generator width at the outermost level
+  model.skip_connections = True          # False: the paper's encoder-decoder ablation
+  model.dropout_rate = 0.5               # the paper's noise z; 0 turns it off
+  model.dropout_placement = "pytorch"    # pytorch (4/8/16 px) | paper (2/4/8 px, as the Lua code)
+  model.disc_type = "patch"              # patch | pixel (1x1 PixelGAN)
+  model.n_layers_d = 3                   # PatchGAN depth: 1 -> 16x16, 3 -> 70x70, 5 -> 286x286
+  model.ndf = 64                         # discriminator width of the first layer
+  model.conditional_d = True             # False: D sees only the image (the "GAN" ablation)
+  model.norm = "batch"                   # batch | instance | none
+  model.sync_batch_norm = True           # average BatchNorm statistics over all devices
+  model.upconv_impl = "subpixel"         # subpixel | dilated: two forms of the same ConvTranspose
+  model.dtype = "float32"                # compute dtype: float32 | bfloat16 (params stay float32)
+
+  config.loss = loss = ml_collections.ConfigDict()
+  loss.gan_mode = "vanilla"              # vanilla (sigmoid cross-entropy) | lsgan
+  loss.lambda_l1 = 100.0                 # weight of the L1 term (0: no L1)
+  loss.lambda_gan = 1.0                  # weight of the adversarial term (0: "L1 only")
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 2e-4             # Adam, for both G and D
+  optim.beta1 = 0.5
+  optim.beta2 = 0.999
+  optim.eps = 1e-8
+  optim.n_epochs = 100                   # epochs at the initial learning rate
+  optim.n_epochs_decay = 100             # epochs of linear decay to zero
+
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.step = -1                           # checkpoint step to evaluate (-1: the latest)
+  ev.deterministic = False               # True: running BN statistics, no dropout (official --eval)
+  ev.batch_size = 8                      # images per eval batch (each still normalised alone)
+  ev.num_images = -1                     # images of the split to evaluate (-1: all)
+  ev.save_images = 50                    # images written to eval/step_N/images (-1: all)
+
+  if variant:
+    apply_variant(config, variant)
+  return config
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
+  """Applies `:variant` arguments, e.g. `smoke`: tiny sizes, the same code path."""
+  for name in variant.split(","):
+    if name == "smoke":
+      config.batch_size = 8
+      config.num_train_steps = 4
+      config.log_every_steps = 2
+      config.checkpoint_every_steps = 2
+      config.image_every_steps = 2
+      config.data.load_size = 36
+      config.data.crop_size = 32
+      config.data.num_train_examples = 32
+      config.data.num_eval_examples = 8
+      config.data.shuffle_buffer = 32
+      config.model.num_downs = 5
+      config.model.ngf = 8
+      config.model.ndf = 8
+      config.eval.batch_size = 8
+      config.eval.save_images = 4
+    elif name:
+      raise ValueError(f"Unknown config variant {name!r}; known: smoke.")

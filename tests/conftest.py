@@ -1,0 +1,13 @@
+"""Every test sees 8 simulated CPU devices, so each pmap path runs in CI."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""      # TensorFlow must never take an accelerator
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+
+jax.config.update("jax_platforms", "cpu")
+assert jax.device_count() == 8, jax.devices()
