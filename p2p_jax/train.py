@@ -236,14 +236,17 @@ def eval_step(state: TrainState, real_a: jax.Array, rng: jax.Array, *,
 
 
 @functools.lru_cache(maxsize=None)
-def _pmapped_train_step(donate: bool) -> Callable:
+def _pmapped_train_step(donate: bool, devices: tuple[jax.Device, ...] | None) -> Callable:
   return jax.pmap(train_step, axis_name=AXIS_NAME, in_axes=(0, 0, None),
-                  donate_argnums=(0,) if donate else ())
+                  donate_argnums=(0,) if donate else (), devices=devices)
 
 
-def pmap_train_step(donate: bool = True) -> Callable:
-  """`train_step` compiled under pmap over the local devices (the state is donated)."""
-  return _pmapped_train_step(donate)
+def pmap_train_step(donate: bool = True, devices: list[jax.Device] | None = None) -> Callable:
+  """`train_step` compiled under pmap over `devices` (default: all local devices).
+
+  The state is donated: its buffers are reused for the new state.
+  """
+  return _pmapped_train_step(donate, tuple(devices) if devices else None)
 
 
 def _device_sharding(devices: list[jax.Device] | None = None) -> jax.sharding.NamedSharding:

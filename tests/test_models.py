@@ -1,0 +1,184 @@
+"""The networks are the paper's: sizes, parameter counts, receptive fields, layer rules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from p2p_jax import models
+
+
+def _init_shapes(module, *inputs, **kwargs):
+  args = [jnp.zeros(shape, jnp.float32) for shape in inputs]
+  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+  return jax.eval_shape(lambda: module.init_with_output(rngs, *args, **kwargs))
+
+
+@pytest.mark.parametrize("num_downs,size,expected", [(8, 256, 54_413_955)])
+def test_unet_parameter_count_matches_the_official_model(num_downs, size, expected):
+  out, variables = _init_shapes(models.UNetGenerator(num_downs=num_downs), (1, size, size, 3))
+  assert models.count_params(variables["params"]) == expected
+  assert out.shape == (1, size, size, 3)
+
+
+@pytest.mark.parametrize("n_layers,pixel,params,out_side,field", [
+    (1, False, 139_585, 126, 16),
+    (3, False, 2_768_705, 30, 70),
+    (5, False, 11_159_361, 6, 286),
+    (3, True, 9_024, 256, 1),
+])
+def test_discriminator_parameter_counts_and_output_sizes(n_layers, pixel, params, out_side, field):
+  module = models.PatchDiscriminator(n_layers=n_layers, pixel=pixel)
+  out, variables = _init_shapes(module, (1, 256, 256, 3), (1, 256, 256, 3))
+  assert models.count_params(variables["params"]) == params
+  assert out.shape == (1, out_side, out_side, 1)
+  assert models.receptive_field(n_layers, pixel) == field
+
+
+@pytest.mark.parametrize("n_layers,pixel,field,size", [
+    (1, False, 16, 64), (3, False, 70, 128), (5, False, 286, 320), (3, True, 1, 16)])
+def test_receptive_field_is_exactly_n_by_n(n_layers, pixel, field, size):
+  """The gradient of one logit has nonzero support on exactly a field x field square."""
+  module = models.PatchDiscriminator(n_layers=n_layers, ndf=2, pixel=pixel)
+  image = jax.random.normal(jax.random.key(1), (1, size, size, 3))
+  variables = module.init(jax.random.key(0), image, image)
+  logits = module.apply(variables, image, image, use_running_average=True)
+  row, col = logits.shape[1] // 2, logits.shape[2] // 2
+
+  def one_logit(real_a):
+    return module.apply(variables, real_a, image, use_running_average=True)[0, row, col, 0]
+
+  support = np.abs(np.asarray(jax.grad(one_logit)(image))).sum(axis=(0, 3)) > 0
+  rows, cols = np.nonzero(support)
+  assert rows.max() - rows.min() + 1 == field
+  assert cols.max() - cols.min() + 1 == field
+  assert support.sum() == field * field          # a full square, no holes
+
+
+def test_conditional_and_unconditional_discriminator_inputs():
+  real_a = jnp.zeros((1, 64, 64, 1))
+  image = jnp.zeros((1, 64, 64, 3))
+  _, cond = _init_shapes(models.PatchDiscriminator(ndf=4), real_a.shape, image.shape)
+  _, uncond = _init_shapes(models.PatchDiscriminator(ndf=4, conditional=False),
+                           real_a.shape, image.shape)
+  assert cond["params"]["conv_0"]["kernel"].shape == (4, 4, 4, 4)      # 1 + 3 channels
+  assert uncond["params"]["conv_0"]["kernel"].shape == (4, 4, 3, 4)    # the image alone
+
+
+def test_bias_rule_follows_the_official_code():
+  _, batch = _init_shapes(models.UNetGenerator(num_downs=5, ngf=4), (1, 32, 32, 3))
+  with_bias = {name for name, p in batch["params"].items() if "bias" in p and "norm" not in name}
+  assert with_bias == {"up_0"}                   # only the last transposed conv
+  _, inst = _init_shapes(models.UNetGenerator(num_downs=5, ngf=4, norm="instance"),
+                         (1, 32, 32, 3))
+  convs = {name for name in inst["params"] if name.startswith(("up_", "down_"))}
+  assert all("bias" in inst["params"][name] for name in convs)
+  assert "batch_stats" not in inst
+
+
+def test_encoder_decoder_ablation_removes_the_skips():
+  unet = models.UNetGenerator(num_downs=5, ngf=4)
+  plain = models.UNetGenerator(num_downs=5, ngf=4, skip_connections=False)
+  _, with_skips = _init_shapes(unet, (1, 32, 32, 3))
+  _, no_skips = _init_shapes(plain, (1, 32, 32, 3))
+  # Without the concatenation, each up-conv but the innermost sees half the channels.
+  assert with_skips["params"]["up_1"]["kernel"].shape == (4, 4, 16, 4)
+  assert no_skips["params"]["up_1"]["kernel"].shape == (4, 4, 8, 4)
+  assert no_skips["params"]["up_4"]["kernel"].shape == with_skips["params"]["up_4"]["kernel"].shape
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = plain.init(jax.random.key(1), x)
+  out = plain.apply(variables, x, use_running_average=True, deterministic=True)
+  assert out.shape == (2, 32, 32, 3) and float(jnp.abs(out).max()) <= 1.0
+
+
+@pytest.mark.parametrize("shape", [(1, 250, 256, 3), (1, 256, 200, 3), (1, 128, 128, 3)])
+def test_sizes_that_do_not_fit_the_unet_are_refused_before_compiling(shape):
+  with pytest.raises(ValueError, match="multiples of 256"):
+    _init_shapes(models.UNetGenerator(num_downs=8), shape)
+
+
+def test_unknown_choices_are_named():
+  with pytest.raises(ValueError, match="norm='layer'"):
+    _init_shapes(models.UNetGenerator(num_downs=5, ngf=4, norm="layer"), (1, 32, 32, 3))
+  with pytest.raises(ValueError, match="upconv_impl"):
+    _init_shapes(models.UNetGenerator(num_downs=5, ngf=4, upconv_impl="fast"), (1, 32, 32, 3))
+
+
+def _conv_transpose_by_definition(x, kernel):
+  """PyTorch ConvTranspose2d(k=4, s=2, p=1): out[2i - 1 + u, 2j - 1 + v] += x[i, j] @ kernel[u, v]."""
+  n, h, w, _ = x.shape
+  out = np.zeros((n, 2 * h + 2, 2 * w + 2, kernel.shape[-1]))     # one pixel of margin each side
+  for u in range(4):
+    for v in range(4):
+      out[:, u:u + 2 * h:2, v:v + 2 * w:2] += np.einsum("nhwc,co->nhwo", x, kernel[u, v])
+  return out[:, 1:-1, 1:-1]
+
+
+def test_subpixel_and_dilated_upconv_agree_with_the_definition_and_each_other():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 6, 3)).astype(np.float32)
+  kernel = rng.normal(size=(4, 4, 3, 4)).astype(np.float32)
+  expected = _conv_transpose_by_definition(x.astype(np.float64), kernel.astype(np.float64))
+  subpixel = models.upsample_subpixel(jnp.asarray(x), jnp.asarray(kernel))
+  dilated = models.upsample_dilated(jnp.asarray(x), jnp.asarray(kernel))
+  np.testing.assert_allclose(subpixel, expected, atol=1e-5)
+  np.testing.assert_allclose(dilated, expected, atol=1e-5)
+
+  cotangent = jnp.asarray(rng.normal(size=expected.shape).astype(np.float32))
+  def pulled_back(fn):
+    return jax.grad(lambda x, k: jnp.sum(fn(x, k) * cotangent), argnums=(0, 1))(
+        jnp.asarray(x), jnp.asarray(kernel))
+  for grad_subpixel, grad_dilated in zip(pulled_back(models.upsample_subpixel),
+                                         pulled_back(models.upsample_dilated)):
+    np.testing.assert_allclose(grad_subpixel, grad_dilated, rtol=1e-5, atol=1e-5)
+
+
+def test_generator_forms_share_parameters_and_outputs():
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  subpixel = models.UNetGenerator(num_downs=5, ngf=4, upconv_impl="subpixel")
+  dilated = subpixel.clone(upconv_impl="dilated")
+  variables = subpixel.init(jax.random.key(1), x)
+  kwargs = dict(use_running_average=True, deterministic=True)
+  np.testing.assert_allclose(subpixel.apply(variables, x, **kwargs),
+                             dilated.apply(variables, x, **kwargs), atol=1e-5)
+
+
+def test_dropout_placement():
+  assert models._dropout_levels(8, "pytorch") == {4, 5, 6}    # up outputs of 16, 8, 4 px
+  assert models._dropout_levels(8, "paper") == {5, 6, 7}      # up outputs of 8, 4, 2 px
+  assert models._dropout_levels(7, "pytorch") == {4, 5}
+  x = jax.random.normal(jax.random.key(0), (1, 64, 64, 3))
+  unet = models.UNetGenerator(num_downs=6, ngf=4)
+  variables = unet.init(jax.random.key(1), x)
+  def run(module, seed):
+    return module.apply(variables, x, rngs={"dropout": jax.random.key(seed)},
+                        mutable=["batch_stats"])[0]
+  assert np.abs(run(unet, 0) - run(unet, 1)).max() > 1e-3     # z enters as dropout
+  quiet = unet.clone(dropout_rate=0.0)
+  np.testing.assert_array_equal(run(quiet, 0), run(quiet, 1))
+
+
+def test_batch_norm_follows_pytorch_conventions():
+  x = jax.random.normal(jax.random.key(0), (4, 3, 5, 2)) * 3 + 1
+  bn = models.BatchNorm()
+  variables = bn.init(jax.random.key(1), x, use_running_average=False)
+  y, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+  flat = np.asarray(x).reshape(-1, 2).astype(np.float64)
+  scale = np.asarray(variables["params"]["scale"])
+  expected = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5) * scale
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 2), expected, atol=1e-5)
+  # Running statistics: momentum 0.1 towards the batch, unbiased variance.
+  np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1),
+                             rtol=1e-5)
+  assert abs(float(np.mean(scale)) - 1.0) < 0.1 and float(np.std(scale)) > 0   # N(1, 0.02)
+
+
+def test_initialisation_is_normal_0_02():
+  _, variables = _init_shapes(models.UNetGenerator(num_downs=5, ngf=8), (1, 32, 32, 3))
+  generator = models.UNetGenerator(num_downs=5, ngf=8)
+  params = generator.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  kernel = np.asarray(params["down_2"]["kernel"])
+  assert abs(kernel.std() - 0.02) < 0.002 and abs(kernel.mean()) < 0.002
+  np.testing.assert_array_equal(params["up_0"]["bias"], 0.0)
+  assert jax.tree.structure(params) == jax.tree.structure(variables["params"])

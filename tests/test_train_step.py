@@ -1,0 +1,191 @@
+"""The pmapped pix2pix step: replica-count invariance, learning, loss weights, compile once."""
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from p2p_jax import losses
+from p2p_jax import train
+
+
+def _small_config(**model):
+  config = default.get_config("smoke")
+  config.model.update({"ngf": 4, "ndf": 4, **model})
+  return config
+
+
+def _batch(size=8, side=32, seed=0):
+  rng = np.random.default_rng(seed)
+  real_a = rng.uniform(-1, 1, (size, side, side, 3)).astype(np.float32)
+  real_b = np.tanh(2 * real_a[..., ::-1]).astype(np.float32)     # a function of A to learn
+  return {"real_a": real_a, "real_b": real_b}
+
+
+def _gradient_recorder() -> optax.GradientTransformation:
+  """An 'optimiser' whose state is the gradient it was given, so tests see it before Adam."""
+  return optax.GradientTransformation(
+      init=lambda params: jax.tree.map(jnp.zeros_like, params),
+      update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+def _with_recorders(state):
+  recorder = _gradient_recorder()
+  pix2pix = dataclasses.replace(state.pix2pix, gen_tx=recorder, disc_tx=recorder)
+  return state.replace(
+      pix2pix=pix2pix,
+      generator=state.generator.replace(opt_state=recorder.init(state.generator.params)),
+      discriminator=state.discriminator.replace(
+          opt_state=recorder.init(state.discriminator.params)))
+
+
+def _run_step(state, batch, devices, rng):
+  step = train.pmap_train_step(donate=False, devices=devices)
+  replicated = train.replicate(state, devices)
+  new_state, metrics = step(replicated, train.shard(batch, devices), rng)
+  return train.unreplicate(new_state), train.unreplicate(metrics)
+
+
+def _relative_error(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
+
+
+def test_eight_devices_equal_one_device_with_synchronised_batch_norm():
+  config = _small_config(dropout_rate=0.0)
+  state = _with_recorders(train.create_train_state(jax.random.key(0), config, 10))
+  batch, rng = _batch(), jax.random.key(3)
+  on_eight, metrics_eight = _run_step(state, batch, jax.local_devices()[:8], rng)
+  on_one, metrics_one = _run_step(state, batch, jax.local_devices()[:1], rng)
+
+  for name in ("G_GAN", "G_L1", "D_real", "D_fake"):
+    assert _relative_error(metrics_eight[name], metrics_one[name]) < 1e-5, name
+  for net in ("generator", "discriminator"):
+    eight, one = getattr(on_eight, net), getattr(on_one, net)
+    grads = jax.tree_util.tree_leaves_with_path(eight.opt_state)
+    assert len(grads) > 4
+    for (path, grad8), grad1 in zip(grads, jax.tree.leaves(one.opt_state)):
+      assert np.abs(grad1).max() > 0, path
+      assert _relative_error(grad8, grad1) < 1e-5, (net, jax.tree_util.keystr(path))
+    for (path, stat8), stat1 in zip(jax.tree_util.tree_leaves_with_path(eight.batch_stats),
+                                    jax.tree.leaves(one.batch_stats)):
+      assert _relative_error(stat8, stat1) < 1e-5, (net, jax.tree_util.keystr(path))
+
+
+def test_per_replica_batch_norm_differs_from_synchronised():
+  batch, rng = _batch(), jax.random.key(3)
+  results = []
+  for sync in (True, False):
+    config = _small_config(dropout_rate=0.0, sync_batch_norm=sync)
+    state = _with_recorders(train.create_train_state(jax.random.key(0), config, 10))
+    updated, _ = _run_step(state, batch, jax.local_devices()[:8], rng)
+    results.append(updated.generator.opt_state["down_1"]["kernel"])   # G's gradient
+  assert _relative_error(results[0], results[1]) > 1e-2
+
+
+def test_small_networks_overfit_one_batch():
+  config = _small_config(ngf=16)
+  config.optim.learning_rate = 2e-3
+  state = train.replicate(train.create_train_state(jax.random.key(0), config, 1000))
+  step = train.pmap_train_step()
+  real_a = _batch()["real_a"]
+  batch = train.shard({"real_a": real_a, "real_b": -real_a})
+  history = []
+  for i in range(80):
+    state, metrics = step(state, batch, jax.random.key(i))
+    history.append(float(metrics["G_L1"][0]))
+  assert all(np.isfinite(history))
+  assert np.mean(history[-5:]) < 0.5 * history[0], history
+
+
+def test_lambda_gan_zero_is_exactly_the_l1_only_update():
+  config = _small_config(dropout_rate=0.0)
+  config.loss.lambda_gan = 0.0
+  state = _with_recorders(train.create_train_state(jax.random.key(0), config, 10))
+  batch, devices, rng = _batch(), jax.local_devices()[:8], jax.random.key(3)
+  updated, metrics = _run_step(state, batch, devices, rng)
+
+  # D's weights have no say in G's update...
+  other_disc = state.discriminator.replace(
+      params=jax.tree.map(lambda p: p + 0.5, state.discriminator.params))
+  with_other_disc, _ = _run_step(state.replace(discriminator=other_disc), batch, devices, rng)
+  for a, b in zip(jax.tree.leaves(updated.generator.opt_state),
+                  jax.tree.leaves(with_other_disc.generator.opt_state)):
+    np.testing.assert_array_equal(a, b)
+
+  # ... and G's gradient is that of lambda_l1 * L1 alone.
+  generator = state.pix2pix.generator
+  def l1_only(params, batch_stats, real_a, real_b):
+    fake_b, _ = generator.apply({"params": params, "batch_stats": batch_stats}, real_a,
+                                mutable=["batch_stats"])
+    return config.loss.lambda_l1 * losses.l1_loss(fake_b, real_b)
+  def grad_fn(params, batch_stats, batch):
+    grads = jax.grad(l1_only)(params, batch_stats, batch["real_a"], batch["real_b"])
+    return jax.lax.pmean(grads, train.AXIS_NAME)
+  expected = jax.pmap(grad_fn, axis_name=train.AXIS_NAME, in_axes=(None, None, 0))(
+      state.generator.params, state.generator.batch_stats, train.shard(batch, devices))
+  for got, want in zip(jax.tree.leaves(updated.generator.opt_state), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, np.asarray(want)[0], rtol=1e-5, atol=1e-8)
+  assert metrics["G_GAN"] == 0.0
+
+
+def test_step_compiles_once(caplog):
+  config = _small_config()
+  state = train.replicate(train.create_train_state(jax.random.key(0), config, 10))
+  step = train.pmap_train_step()
+  batch = train.shard(_batch())
+  state, _ = step(state, batch, jax.random.key(0))        # compiles here
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    for i in range(1, 4):
+      state, metrics = step(state, train.shard(_batch(seed=i)), jax.random.key(i))
+    jax.block_until_ready(metrics)
+  assert not [r for r in caplog.records if "train_step" in r.getMessage()]
+  assert int(train.unreplicate(state).step) == 4
+
+
+def test_dropout_differs_per_replica_and_per_step():
+  """With one example copied to every replica, equal dropout masks would make the
+  8-replica gradient equal the 1-replica one; different masks make it differ."""
+  config = _small_config(num_downs=6, sync_batch_norm=False)
+  config.data.crop_size = 64
+  state = _with_recorders(train.create_train_state(jax.random.key(0), config, 10))
+  one = _batch(size=1, side=64)
+  copies = {k: np.repeat(v, 8, axis=0) for k, v in one.items()}
+  rng = jax.random.key(3)
+  def grad_of(state, batch, devices):
+    return _run_step(state, batch, devices, rng)[0].generator.opt_state["down_1"]["kernel"]
+  single = grad_of(state, one, jax.local_devices()[:1])
+  assert _relative_error(grad_of(state, copies, jax.local_devices()[:8]), single) > 1e-3
+  assert _relative_error(grad_of(state.replace(step=jnp.ones((), jnp.int32)), one,
+                                 jax.local_devices()[:1]), single) > 1e-3
+  quiet = _small_config(num_downs=6, sync_batch_norm=False, dropout_rate=0.0)
+  quiet.data.crop_size = 64
+  state = _with_recorders(train.create_train_state(jax.random.key(0), quiet, 10))
+  assert _relative_error(grad_of(state, copies, jax.local_devices()[:8]),
+                         grad_of(state, one, jax.local_devices()[:1])) < 1e-5
+
+
+def test_learning_rate_schedule_is_the_official_linear_decay():
+  lr = train.create_learning_rate_fn(2e-4, steps_per_epoch=10, n_epochs=3, n_epochs_decay=2)
+  def factor(epoch):                    # PIX2PIX_FACTS: 1 - max(0, t + 1 - n) / (n_decay + 1)
+    return 1 - max(0, epoch + 1 - 3) / (2 + 1)
+  for step in (0, 9, 10, 29, 30, 39, 40, 49):
+    assert float(lr(step)) == pytest.approx(2e-4 * factor(step // 10), rel=1e-6), step
+  assert float(lr(50)) == 0.0 and float(lr(10_000)) == 0.0
+
+
+def test_losses():
+  logits = jnp.array([[-2.0, 0.0, 3.0]])
+  bce_real = np.mean(np.log1p(np.exp(-np.array([-2.0, 0.0, 3.0]))))
+  assert float(losses.gan_loss(logits, True)) == pytest.approx(bce_real, rel=1e-6)
+  assert float(losses.gan_loss(logits, False, "lsgan")) == pytest.approx((4 + 0 + 9) / 3)
+  d_loss, parts = losses.discriminator_loss(logits, -logits)
+  assert float(d_loss) == pytest.approx(0.5 * (parts["D_real"] + parts["D_fake"]))
+  assert float(parts["D_real"]) == pytest.approx(float(parts["D_fake"]))
+  with pytest.raises(ValueError, match="wgan"):
+    losses.gan_loss(logits, True, "wgan")
