@@ -20,10 +20,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
+from clu import metric_writers
+from clu import parameter_overview
+from clu import periodic_actions
 from jax import lax
 
+from p2p_jax import checkpoints
+from p2p_jax import evaluate as evaluate_lib
+from p2p_jax import images
+from p2p_jax import input_pipeline
 from p2p_jax import losses
 from p2p_jax import models
+from p2p_jax import monitoring
 
 AXIS_NAME = "batch"
 PyTree = Any
@@ -281,3 +290,96 @@ def unreplicate(tree: PyTree) -> PyTree:
   """The first device's copy of a replicated tree, as host numpy arrays."""
   return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data[0]
                                            if isinstance(x, jax.Array) else x[0]), tree)
+
+
+def _num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return steps_per_epoch * (config.optim.n_epochs + config.optim.n_epochs_decay)
+
+
+def _schedule_steps_per_epoch(config: ml_collections.ConfigDict, steps_per_epoch: int) -> float:
+  # With num_train_steps set, the schedule keeps its shape (constant, then linear
+  # decay in the paper's proportions) stretched over the steps actually run.
+  if config.num_train_steps > 0:
+    return config.num_train_steps / (config.optim.n_epochs + config.optim.n_epochs_decay)
+  return steps_per_epoch
+
+
+def _write_samples(writer: metric_writers.MetricWriter, step: int, state: TrainState,
+                   batch: dict[str, jax.Array], seed: int) -> None:
+  translate = evaluate_lib._pmapped_translate(False)
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), step), jax.local_device_count())
+  fake_b, _ = translate(state, batch["real_a"], batch["real_b"], keys)
+  host = jax.device_get({"real_a": batch["real_a"], "fake_b": fake_b, "real_b": batch["real_b"]})
+  flat = {k: np.asarray(v).reshape((-1,) + v.shape[2:]) for k, v in host.items()}
+  grid = images.sample_grid(flat["real_a"], flat["fake_b"], flat["real_b"])
+  writer.write_images(step, {"samples/input_output_target": grid[None]})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains pix2pix per `config`, checkpointing into `workdir`; resumes if it holds a checkpoint.
+
+  Returns the final state (unreplicated, on the host).
+  """
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  steps_per_epoch = input_pipeline.steps_per_epoch(config)
+  num_steps = _num_train_steps(config, steps_per_epoch)
+  state = create_train_state(jax.random.key(config.seed), config,
+                             _schedule_steps_per_epoch(config, steps_per_epoch))
+
+  checkpointer = checkpoints.Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
+                                          keep=config.keep_checkpoints)
+  if is_chief:
+    checkpoints.check_same_model(config, workdir)
+    checkpoints.save_config(config, workdir)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state)
+    logging.info("Resuming from the checkpoint of step %d in %s.", int(state.step), workdir)
+  initial_step = int(state.step)
+  if initial_step == 0:
+    parameter_overview.log_parameter_overview(state.generator.params, msg="Generator")
+    parameter_overview.log_parameter_overview(state.discriminator.params, msg="Discriminator")
+  logging.info("Training %d steps (%d per epoch, global batch %d on %d devices).", num_steps,
+               steps_per_epoch, config.batch_size, jax.device_count())
+
+  state = replicate(state)
+  train_iter = input_pipeline.create_train_iterator(config, start_step=initial_step)
+  p_train_step = pmap_train_step()
+  step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+  window, unchecked = monitoring.MetricWindow(), monitoring.MetricWindow()
+  stop = monitoring.StopRequest()
+  try:
+    for step in range(initial_step + 1, num_steps + 1):   # `step` counts updates done
+      batch = next(train_iter)
+      state, metrics = p_train_step(state, batch, step_rng)
+      window.add(step, metrics)
+      unchecked.add(step, metrics)
+      report_progress(step)
+      last_step = step == num_steps
+      if step % config.log_every_steps == 0 or last_step:
+        unchecked.check_finite(checkpointer.latest_step())
+        unchecked = monitoring.MetricWindow()
+        writer.write_scalars(step, {f"train/{k}": v for k, v in window.average().items()})
+      if config.image_every_steps > 0 and (step % config.image_every_steps == 0 or last_step):
+        _write_samples(writer, step, state, batch, config.seed)
+      if config.eval_every_steps > 0 and (step % config.eval_every_steps == 0 or last_step):
+        result = evaluate_lib.evaluate_split(state, config, config.data.eval_split,
+                                             deterministic=config.eval.deterministic,
+                                             max_images=config.eval.num_images)
+        writer.write_scalars(step, {f"val/{k}": result[k] for k in ("l1", "psnr", "ssim")})
+      preempted = stop.requested or checkpointer.reached_preemption(step)
+      if last_step or preempted or checkpointer.is_due(step):
+        unchecked.check_finite(checkpointer.latest_step())   # never save a NaN state
+        unchecked = monitoring.MetricWindow()
+        checkpointer.save(step, state)
+      if preempted:
+        logging.warning("Stop requested at step %d: checkpoint saved, exiting.", step)
+        break
+  finally:
+    stop.restore()
+    checkpointer.close()
+    writer.flush()
+  return unreplicate(state)

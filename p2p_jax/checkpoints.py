@@ -1,0 +1,138 @@
+"""Orbax checkpoints of the pix2pix train state, and the config saved beside them.
+
+A checkpoint holds the step, both networks' params, BatchNorm statistics and
+optimiser states (the learning-rate schedule's position is the optimiser's
+step count). The data position and the RNG are functions of the step and the
+config, so restoring the state restores them too. Orbax writes each step to a
+temporary directory and renames it when complete, so a crash during a save
+leaves the previous checkpoint usable.
+
+The resolved config is written to `workdir/config.json` (and `.yaml`), which
+is what eval and predict read: restoring never needs the training flags again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.serialization
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+CONFIG_FILE = "config.json"
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config as JSON (read back by `load_config`) and YAML (to read)."""
+  os.makedirs(workdir, exist_ok=True)
+  for name, text in ((CONFIG_FILE, config.to_json(indent=2, sort_keys=True)),
+                     ("config.yaml", config.to_yaml())):
+    tmp = os.path.join(workdir, name + ".tmp")
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(workdir, name))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} does not exist: {workdir} holds no p2p_jax run. Train into it first "
+        f"(python -m p2p_jax.main --config=... --workdir={workdir}) or convert weights into it "
+        f"(python -m p2p_jax.convert_torch ... --workdir={workdir}).")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a run whose saved architecture differs from `config`'s."""
+  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    return
+  saved = load_config(workdir)
+  for field in ("model", "data.crop_size"):
+    group, _, leaf = field.partition(".")
+    old = saved[group][leaf] if leaf else saved[group]
+    new = config[group][leaf] if leaf else config[group]
+    old = old.to_dict() if hasattr(old, "to_dict") else old
+    new = new.to_dict() if hasattr(new, "to_dict") else new
+    if isinstance(old, dict):
+      diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+      if diffs:
+        k = diffs[0]
+        raise ValueError(
+            f"{workdir} holds a run with config.{group}.{k}={old.get(k)!r}, but this config "
+            f"says {new.get(k)!r}. Use a new --workdir, or pass --config.{group}.{k}={old.get(k)!r}.")
+    elif old != new:
+      raise ValueError(f"{workdir} holds a run with config.{field}={old!r}, but this config says "
+                       f"{new!r}. Use a new --workdir, or pass --config.{field}={old!r}.")
+
+
+def _to_global(x: jax.Array) -> jax.Array:
+  """A pmap-replicated array [local_devices, ...] as one fully replicated global array."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replica",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shards = sorted(x.addressable_shards, key=lambda s: s.device.id)
+  return jax.make_array_from_single_device_arrays(x.shape[1:], sharding,
+                                                  [s.data[0] for s in shards])
+
+
+class Checkpointer:
+  """Saves asynchronously when `is_due` (keeping the last `keep`); restores any step."""
+
+  def __init__(self, workdir: str, *, every_steps: int = 1, keep: int | None = 3,
+               read_only: bool = False):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.every_steps = max(every_steps, 1)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def reached_preemption(self, step: int) -> bool:
+    """True when the runtime (e.g. a TPU maintenance event) asks this job to save and stop."""
+    return self._manager.reached_preemption(step)
+
+  def is_due(self, step: int) -> bool:
+    return step % self.every_steps == 0
+
+  def save(self, step: int, state: PyTree) -> None:
+    """Saves a pmap-replicated `state` as checkpoint `step` (in the background)."""
+    tree = jax.tree.map(_to_global, flax.serialization.to_state_dict(state))
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)),
+                       force=True)
+
+  def restore(self, template: PyTree, step: int | None = None) -> PyTree:
+    """Restores into the structure of the unreplicated `template` (host numpy arrays).
+
+    Works on any number of devices: the arrays come back to the host, to be
+    replicated onto whatever devices this machine has.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    if step not in self.all_steps():
+      raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
+                              f"saved steps: {self.all_steps()}.")
+    target = jax.tree.map(np.asarray, flax.serialization.to_state_dict(template))
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return flax.serialization.from_state_dict(template, jax.tree.map(np.asarray, restored.state))
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
