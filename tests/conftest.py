@@ -5,6 +5,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # as p2p_jax/__init__.py, before NumPy loads
 os.environ["CUDA_VISIBLE_DEVICES"] = ""      # TensorFlow must never take an accelerator
 
 import jax  # noqa: E402  (after XLA_FLAGS)

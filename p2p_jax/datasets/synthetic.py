@@ -256,7 +256,7 @@ def _render_object(rng, size, num_objects, light, line_width, centres):
   sdf = sdf_fn(x, y)
   alpha = np.clip(0.5 - sdf, 0, 1)
   half_line = 0.5 * line_width + 0.5   # anti-aliased: ink fades over the last pixel
-  ink = np.zeros_like(sdf)
+  ink = np.clip(half_line - np.abs(sdf), 0, 1)
   rgb = np.empty((3,) + alpha.shape, np.float32)   # channels first: numpy is fast on wide rows
   rgb[:] = base[:, None, None]
   for detail_fn, colour in zip(details, detail_colours):

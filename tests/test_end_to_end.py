@@ -1,0 +1,192 @@
+"""The commands users run, end to end on the synthetic data at `:smoke` size:
+train, kill and resume, SIGTERM, NaN stop, eval on another device count, predict."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+from PIL import Image
+
+from configs import default
+from p2p_jax import checkpoints
+from p2p_jax import evaluate
+from p2p_jax import input_pipeline
+from p2p_jax import monitoring
+from p2p_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _smoke_config(**overrides):
+  config = default.get_config("smoke")
+  config.image_every_steps = 0
+  for key, value in overrides.items():
+    group, _, leaf = key.partition("__")
+    if leaf:
+      config[group][leaf] = value
+    else:
+      config[group] = value
+  return config
+
+
+def _command(module, *args, devices=8):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return [sys.executable, "-m", module, *args], env
+
+
+def _run(module, *args, devices=8, timeout=300):
+  cmd, env = _command(module, *args, devices=devices)
+  result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+def _params(state):
+  return jax.tree.leaves((state.generator.params, state.discriminator.params,
+                          state.generator.batch_stats, state.discriminator.opt_state))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A 40-step smoke run on 8 devices, trained in this process without interruption."""
+  workdir = str(tmp_path_factory.mktemp("unbroken"))
+  state = train.train_and_evaluate(_smoke_config(num_train_steps=40), workdir)
+  return workdir, state
+
+
+def test_training_writes_config_checkpoints_and_summaries(trained):
+  workdir, state = trained
+  assert int(state.step) == 40
+  saved = checkpoints.load_config(workdir)
+  assert saved.model.ngf == 8 and saved.num_train_steps == 40
+  assert os.path.exists(os.path.join(workdir, "config.yaml"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "40"
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+
+
+def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
+  """SIGKILL mid-run (possibly mid-save), restart, finish: equal to the unbroken run."""
+  _, unbroken = trained
+  workdir = str(tmp_path / "killed")
+  args = ["--config=configs/default.py:smoke", f"--workdir={workdir}",
+          "--config.num_train_steps=40", "--config.image_every_steps=0"]
+  cmd, env = _command("p2p_jax.main", *args)
+  process = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  marker = os.path.join(workdir, "checkpoints", "6")
+  deadline = time.time() + 240
+  while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  steps = checkpoints.Checkpointer(workdir, read_only=True).all_steps()
+  assert steps and max(steps) < 40, f"the run was not interrupted: {steps}"
+
+  resumed = train.train_and_evaluate(_smoke_config(num_train_steps=40), workdir)
+  assert int(resumed.step) == 40
+  for a, b in zip(_params(resumed), _params(unbroken)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  workdir = str(tmp_path / "term")
+  cmd, env = _command("p2p_jax.main", "--config=configs/default.py:smoke", f"--workdir={workdir}",
+                      "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
+                      "--config.image_every_steps=0", "--config.log_every_steps=1")
+  process = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  for line in process.stderr:
+    if "train/G_L1" in line:
+      break
+  process.send_signal(signal.SIGTERM)
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err[-3000:]
+  assert "Stop requested" in err
+  steps = checkpoints.Checkpointer(workdir, read_only=True).all_steps()
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  real_iterator = input_pipeline.create_train_iterator
+  def poisoned(config, *, start_step=0, **kwargs):
+    for step, batch in enumerate(real_iterator(config, start_step=start_step, **kwargs),
+                                 start_step + 1):
+      if step == 3:
+        batch = dict(batch, real_b=batch["real_b"] * np.nan)
+      yield batch
+  monkeypatch.setattr(input_pipeline, "create_train_iterator", poisoned)
+  workdir = str(tmp_path / "nan")
+  config = _smoke_config(num_train_steps=8, log_every_steps=4, checkpoint_every_steps=2)
+  with pytest.raises(monitoring.NonFiniteLossError, match=r"step 3: .*G_L1=nan") as error:
+    train.train_and_evaluate(config, workdir)
+  assert "last good checkpoint (step 2)" in str(error.value)
+  assert checkpoints.Checkpointer(workdir, read_only=True).all_steps() == [2]
+  state = evaluate.restore_state(config, workdir)
+  assert all(np.isfinite(leaf).all() for leaf in _params(state))
+
+
+def test_eval_on_one_device_of_a_run_trained_on_eight(trained):
+  workdir, _ = trained
+  _run("p2p_jax.main", "--config=configs/default.py:smoke", f"--workdir={workdir}", "--mode=eval",
+       "--config.eval.deterministic=True", devices=1)
+  out = os.path.join(workdir, "eval", "step_40")
+  with open(os.path.join(out, "metrics.json")) as f:
+    result = json.load(f)
+  assert result["step"] == 40 and result["num_images"] == 8 and result["deterministic"] is True
+  assert 0 < result["l1"] < 2 and result["psnr"] > 0 and -1 <= result["ssim"] <= 1
+  assert "running BatchNorm statistics" in result["test_mode"]
+  names = sorted(os.listdir(os.path.join(out, "images")))
+  assert len(names) == 3 * 4 and names[0].endswith("_fake_b.png")   # eval.save_images = 4
+  with open(os.path.join(out, "index.html")) as f:
+    page = f.read()
+  assert page.count("<img") == 12 and "psnr" in page
+
+
+def test_eval_paper_mode_matches_in_process(trained):
+  workdir, _ = trained
+  result = evaluate.evaluate(_smoke_config(), workdir)
+  assert result["deterministic"] is False and "own BatchNorm statistics" in result["test_mode"]
+  assert result["num_images"] == 8
+
+
+def test_predict_a_folder_of_mixed_images(trained, tmp_path):
+  workdir, _ = trained
+  inputs = tmp_path / "inputs"
+  (inputs / "sub").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (40, 50, 3), np.uint8)).save(inputs / "rgb.png")
+  Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(inputs / "photo.jpg")
+  Image.fromarray(rng.integers(0, 255, (20, 70), np.uint8), "L").save(inputs / "gray.png")
+  Image.fromarray(rng.integers(0, 255, (33, 31, 4), np.uint8), "RGBA").save(
+      inputs / "sub" / "alpha.png")
+  (inputs / "broken.png").write_bytes(b"not an image")
+  out = tmp_path / "out"
+  cmd, env = _command("p2p_jax.predict", f"--workdir={workdir}", f"--input={inputs}",
+                      f"--output={out}", "--fit=pad", devices=1)
+  result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1                       # one file could not be read...
+  assert "broken.png" in result.stderr and "not an image" in result.stderr
+  assert "Wrote 4 image(s)" in result.stdout          # ... the others were translated
+  sizes = {path: Image.open(out / path).size for path in
+           ("rgb.png", "photo.png", "gray.png", "sub/alpha.png")}
+  assert sizes == {"rgb.png": (50, 40), "photo.png": (32, 32), "gray.png": (70, 20),
+                   "sub/alpha.png": (31, 33)}
+  assert Image.open(out / "rgb.png").mode == "RGB"
+
+
+def test_unknown_config_field_is_named():
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True)
+  with pytest.raises(Exception, match="ngff"):
+    flag_values(["prog", f"--config={ROOT}/configs/default.py", "--config.model.ngff=3"])
+    _ = flag_values.config
