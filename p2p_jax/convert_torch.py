@@ -25,6 +25,13 @@ BatchNorm, i.e. `configs/default.py` as it is; they differ in the data:
 
 The official test script runs them in training mode (batch statistics, dropout
 on), as the paper does; `use_running_average=deterministic=True` is `--eval`.
+From the command line, into a run directory that eval, predict and training use:
+
+  python -m p2p_jax.convert_torch --generator=latest_net_G.pth \
+      [--discriminator=latest_net_D.pth] --config=configs/edges2shoes.py --workdir=runs/shoes_official
+  python -m p2p_jax.convert_torch --pretrained=facades_label2photo \
+      --config=configs/facades.py --workdir=runs/facades_official
+
 Reading a `.pth` file needs PyTorch (`pip install torch==2.13.0`, the CPU build
 is enough); a dict of numpy arrays needs nothing beyond this project.
 """
@@ -44,9 +51,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import app
+from absl import flags
 from absl import logging
 from flax import traverse_util
+from ml_collections import config_flags
 
+from p2p_jax import checkpoints
 from p2p_jax import train
 
 _PRETRAINED_URL = "http://efrosgans.eecs.berkeley.edu/pix2pix/models-pytorch/{}.pth"
@@ -409,3 +420,67 @@ def download_pretrained(name: str, cache_dir: str, *, url: str | None = None) ->
                   f"Download it by hand and save it as {path}; it is then used from there."
                   ) from error
   return path
+
+
+def convert_to_workdir(config: ml_collections.ConfigDict, workdir: str, generator_weights: Any,
+                       discriminator_weights: Any | None = None) -> train.TrainState:
+  """Writes converted official weights into `workdir` as a step-0 checkpoint and its config.
+
+  Eval, predict and training (as fine-tuning) then run on `workdir` as on any
+  p2p_jax run. Without discriminator weights, D is initialised fresh.
+  """
+  checkpointer = checkpoints.Checkpointer(workdir, keep=None)
+  try:
+    if checkpointer.latest_step() is not None:
+      raise FileExistsError(f"{workdir} already holds checkpoints ({checkpointer.all_steps()}); "
+                            "convert into a new --workdir.")
+    state = train.create_train_state(jax.random.key(config.seed), config, steps_per_epoch=1)
+    _, gen_vars = load_generator(generator_weights, config.model)
+    state = state.replace(generator=state.generator.replace(
+        params=gen_vars["params"], batch_stats=gen_vars["batch_stats"],
+        opt_state=state.pix2pix.gen_tx.init(gen_vars["params"])))
+    if discriminator_weights is None:
+      logging.warning("No discriminator weights given: D is initialised fresh (N(0, 0.02)).")
+    else:
+      _, disc_vars = load_discriminator(discriminator_weights, config.model)
+      state = state.replace(discriminator=state.discriminator.replace(
+          params=disc_vars["params"], batch_stats=disc_vars["batch_stats"],
+          opt_state=state.pix2pix.disc_tx.init(disc_vars["params"])))
+    if jax.process_index() == 0:
+      checkpoints.save_config(config, workdir)
+    checkpointer.save(0, train.replicate(state))
+  finally:
+    checkpointer.close()
+  return state
+
+
+def main(argv):
+  del argv
+  config = _FLAGS.config
+  if bool(_FLAGS.generator) == bool(_FLAGS.pretrained):
+    raise app.UsageError("Give exactly one of --generator=G.pth and --pretrained=NAME.")
+  generator_path = _FLAGS.generator
+  if _FLAGS.pretrained:
+    generator_path = download_pretrained(_FLAGS.pretrained, _FLAGS.cache_dir,
+                                         url=_FLAGS.pretrained_url)
+    dataset, direction = _PRETRAINED_DATA[_FLAGS.pretrained]
+    if config.data.direction != direction:
+      logging.warning("%s was trained on %s with direction %s, but the config says %s.",
+                      _FLAGS.pretrained, dataset, direction, config.data.direction)
+  state = convert_to_workdir(config, _FLAGS.workdir, generator_path, _FLAGS.discriminator)
+  print(f"Wrote step {int(state.step)} to {_FLAGS.workdir}: "
+        f"python -m p2p_jax.predict --workdir={_FLAGS.workdir} --input=... --output=...")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("generator", None, "Official generator state dict (latest_net_G.pth).")
+  flags.DEFINE_string("discriminator", None, "Official discriminator state dict (optional).")
+  flags.DEFINE_string("pretrained", None, f"An official pretrained generator: {', '.join(PRETRAINED)}.")
+  flags.DEFINE_string("pretrained_url", None, "Fetch --pretrained from here instead (mirror, file://).")
+  flags.DEFINE_string("cache_dir", "~/.cache/p2p_jax", "Where --pretrained downloads are kept.")
+  flags.DEFINE_string("workdir", None, "New run directory to write the checkpoint and config into.")
+  config_flags.DEFINE_config_file("config", None, "Config the weights fit (model.*, data.*).",
+                                  lock_config=True)
+  flags.mark_flags_as_required(["config", "workdir"])
+  _FLAGS = flags.FLAGS
+  app.run(main)

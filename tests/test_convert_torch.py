@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -12,11 +13,14 @@ import torch
 from torch import nn as torch_nn
 
 from configs import default
+from p2p_jax import checkpoints
 from p2p_jax import convert_torch
+from p2p_jax import evaluate
 from p2p_jax import models
 from p2p_jax import train
 
-FIDELITY = "/work/shared/fidelity"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIDELITY = os.path.join(ROOT, "..", "shared", "fidelity")   # shared/ lies beside the checkout
 G_PTH = os.path.join(FIDELITY, "unet256_ngf8_net_G.pth")
 D_PTH = os.path.join(FIDELITY, "unet256_ngf8_net_D.pth")
 TOLERANCE = 1e-5
@@ -318,3 +322,33 @@ def test_discriminator_variants_match_pytorch(n_layers, norm, side):
   logits = discriminator.apply(variables, real_a, real_b, use_running_average=True)
   expected = _run_torch(net, np.concatenate([real_a, real_b], axis=-1))
   assert _max_error(logits, expected) < TOLERANCE
+
+
+def test_command_line_conversion_gives_a_run_that_eval_and_predict_use(vectors, tmp_path):
+  """--pretrained from a file:// URL, no D (initialised fresh), into a new workdir."""
+  workdir = tmp_path / "official"
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  result = subprocess.run(
+      [sys.executable, "-m", "p2p_jax.convert_torch", "--pretrained=facades_label2photo",
+       f"--pretrained_url=file://{os.path.abspath(G_PTH)}", f"--cache_dir={tmp_path / 'cache'}",
+       "--config=configs/facades.py", "--config.model.ngf=8", "--config.model.ndf=8",
+       f"--workdir={workdir}"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "D is initialised fresh" in result.stderr
+  assert (tmp_path / "cache" / "facades_label2photo.pth").exists()
+
+  config = checkpoints.load_config(str(workdir))
+  assert config.model.ngf == 8 and config.data.direction == "BtoA"
+  state = evaluate.restore_state(config, str(workdir))
+  assert int(state.step) == 0
+  generator = state.pix2pix.generator.clone(bn_axis_name=None)
+  fake_b, _ = generator.apply(state.generator.variables(), vectors["real_a"],
+                              deterministic=True, mutable=["batch_stats"])
+  assert _max_error(fake_b, vectors["g_train_nodropout"]) < TOLERANCE
+
+  again = subprocess.run(
+      [sys.executable, "-m", "p2p_jax.convert_torch", f"--generator={G_PTH}",
+       "--config=configs/facades.py", "--config.model.ngf=8", "--config.model.ndf=8",
+       f"--workdir={workdir}"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert again.returncode != 0 and "already holds checkpoints" in again.stderr

@@ -99,7 +99,8 @@ class TfdsSource:
     self._where = f"tfds pix2pix/{config.data.name}, split {split!r}"
     try:
       self._dataset = pix2pix_tfds.load_split(config.data.name, split,
-                                              config.data.tfds_data_dir or None)
+                                              config.data.tfds_data_dir or None,
+                                              manual_dir=config.data.tfds_manual_dir or None)
     except tf.errors.OpError as error:
       raise DataError(self._where, _first_line(error.message)) from None
 
