@@ -40,7 +40,8 @@ def test_mode(deterministic: bool) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _pmapped_translate(deterministic: bool):
+def pmapped_translate(deterministic: bool):
+  """(state, real_a, real_b, rngs) -> (fake_b, per-image metrics), pmapped over local devices."""
   def translate(state, real_a, real_b, rng):
     fake_b = train.eval_step(state, real_a, rng, deterministic=deterministic)
     return fake_b, metrics_lib.image_metrics(fake_b, real_b)
@@ -62,7 +63,7 @@ def translate_split(replicated_state: train.TrainState, config: ml_collections.C
   The batch is the eval iterator's (with 'mask' False on padding rows); fake_b
   is [B, H, W, C_out] in [-1, 1] on the host.
   """
-  translate = _pmapped_translate(deterministic)
+  translate = pmapped_translate(deterministic)
   devices = jax.local_device_count()
   for index, batch in enumerate(input_pipeline.create_eval_iterator(config, split)):
     size = batch["real_a"].shape[0]

@@ -308,7 +308,7 @@ def _schedule_steps_per_epoch(config: ml_collections.ConfigDict, steps_per_epoch
 
 def _write_samples(writer: metric_writers.MetricWriter, step: int, state: TrainState,
                    batch: dict[str, jax.Array], seed: int) -> None:
-  translate = evaluate_lib._pmapped_translate(False)
+  translate = evaluate_lib.pmapped_translate(False)
   keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), step), jax.local_device_count())
   fake_b, _ = translate(state, batch["real_a"], batch["real_b"], keys)
   host = jax.device_get({"real_a": batch["real_a"], "fake_b": fake_b, "real_b": batch["real_b"]})
@@ -317,13 +317,16 @@ def _write_samples(writer: metric_writers.MetricWriter, step: int, state: TrainS
   writer.write_images(step, {"samples/input_output_target": grid[None]})
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       writer: metric_writers.MetricWriter | None = None) -> TrainState:
   """Trains pix2pix per `config`, checkpointing into `workdir`; resumes if it holds a checkpoint.
 
-  Returns the final state (unreplicated, on the host).
+  `writer` defaults to clu's TensorBoard + console writer (console only on
+  processes other than 0). Returns the final state (unreplicated, on the host).
   """
   is_chief = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  if writer is None:
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
   num_steps = _num_train_steps(config, steps_per_epoch)
   state = create_train_state(jax.random.key(config.seed), config,

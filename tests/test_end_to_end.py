@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
+from clu import metric_writers
 from ml_collections import config_flags
 from PIL import Image
 
@@ -39,6 +40,7 @@ def _smoke_config(**overrides):
 
 def _command(module, *args, devices=8):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   return [sys.executable, "-m", module, *args], env
 
@@ -56,27 +58,72 @@ def _params(state):
                           state.generator.batch_stats, state.discriminator.opt_state))
 
 
+class _RecordingWriter(metric_writers.MetricWriter):
+  """Keeps what the loop writes, so tests can read it back."""
+
+  def __init__(self):
+    self.scalars, self.images = {}, {}
+
+  def write_scalars(self, step, scalars):
+    self.scalars.setdefault(step, {}).update(scalars)
+
+  def write_images(self, step, images):
+    self.images.setdefault(step, {}).update({k: np.asarray(v) for k, v in images.items()})
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """A 40-step smoke run on 8 devices, trained in this process without interruption."""
   workdir = str(tmp_path_factory.mktemp("unbroken"))
-  state = train.train_and_evaluate(_smoke_config(num_train_steps=40), workdir)
-  return workdir, state
+  writer = _RecordingWriter()
+  config = _smoke_config(num_train_steps=40, log_every_steps=10, image_every_steps=20,
+                         eval_every_steps=20)
+  state = train.train_and_evaluate(config, workdir, writer=writer)
+  return workdir, state, writer
 
 
 def test_training_writes_config_checkpoints_and_summaries(trained):
-  workdir, state = trained
+  workdir, state, writer = trained
   assert int(state.step) == 40
+  assert sorted(writer.scalars[10]) == ["train/D_fake", "train/D_real", "train/G_GAN",
+                                        "train/G_L1", "train/learning_rate"]
+  assert writer.scalars[40]["train/G_L1"] < writer.scalars[10]["train/G_L1"]
+  assert {"val/l1", "val/psnr", "val/ssim"} <= set(writer.scalars[20])
+  grid = writer.images[20]["samples/input_output_target"]
+  assert grid.shape == (1, 4 * 32, 3 * 32, 3) and 0 <= grid.min() and grid.max() <= 1
   saved = checkpoints.load_config(workdir)
   assert saved.model.ngf == 8 and saved.num_train_steps == 40
   assert os.path.exists(os.path.join(workdir, "config.yaml"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "40"
-  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
 
 
 def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
   """SIGKILL mid-run (possibly mid-save), restart, finish: equal to the unbroken run."""
-  _, unbroken = trained
+  _, unbroken, _ = trained
   workdir = str(tmp_path / "killed")
   args = ["--config=configs/default.py:smoke", f"--workdir={workdir}",
           "--config.num_train_steps=40", "--config.image_every_steps=0"]
@@ -92,7 +139,9 @@ def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
   steps = checkpoints.Checkpointer(workdir, read_only=True).all_steps()
   assert steps and max(steps) < 40, f"the run was not interrupted: {steps}"
 
-  resumed = train.train_and_evaluate(_smoke_config(num_train_steps=40), workdir)
+  resumed = train.train_and_evaluate(
+      _smoke_config(num_train_steps=40, log_every_steps=10, image_every_steps=20,
+                    eval_every_steps=20), workdir, writer=_RecordingWriter())
   assert int(resumed.step) == 40
   for a, b in zip(_params(resumed), _params(unbroken)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -112,6 +161,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   _, err = process.communicate(timeout=120)
   assert process.returncode == 0, err[-3000:]
   assert "Stop requested" in err
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))  # TensorBoard
   steps = checkpoints.Checkpointer(workdir, read_only=True).all_steps()
   assert len(steps) == 1 and 0 < steps[0] < 100000
 
@@ -136,7 +186,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, mo
 
 
 def test_eval_on_one_device_of_a_run_trained_on_eight(trained):
-  workdir, _ = trained
+  workdir, _, _ = trained
   _run("p2p_jax.main", "--config=configs/default.py:smoke", f"--workdir={workdir}", "--mode=eval",
        "--config.eval.deterministic=True", devices=1)
   out = os.path.join(workdir, "eval", "step_40")
@@ -153,14 +203,14 @@ def test_eval_on_one_device_of_a_run_trained_on_eight(trained):
 
 
 def test_eval_paper_mode_matches_in_process(trained):
-  workdir, _ = trained
+  workdir, _, _ = trained
   result = evaluate.evaluate(_smoke_config(), workdir)
   assert result["deterministic"] is False and "own BatchNorm statistics" in result["test_mode"]
   assert result["num_images"] == 8
 
 
 def test_predict_a_folder_of_mixed_images(trained, tmp_path):
-  workdir, _ = trained
+  workdir, _, _ = trained
   inputs = tmp_path / "inputs"
   (inputs / "sub").mkdir(parents=True)
   rng = np.random.default_rng(0)
