@@ -78,41 +78,91 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   ev.batch_size = 8                      # images per eval batch (each still normalised alone)
   ev.num_images = -1                     # images of the split to evaluate (-1: all)
   ev.save_images = 50                    # images written to eval/step_N/images (-1: all)
+  ev.color_stats = True                  # RGB outputs: Lab colour histograms and chroma vs the targets (paper Fig. 7)
+  ev.fcn_score = False                   # data with class maps (synthetic labels2facades): FCN-score of the outputs
+  ev.fcn_scorer_dir = ""                 # where the FCN scorer is trained once and cached ("" = WORKDIR/fcn_scorer)
+  ev.fcn_scorer_steps = 500              # FCN scorer training steps (16 x 64 x 64 pixels each)
 
   if variant:
     apply_variant(config, variant)
   return config
 
 
-def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
-  """Applies `:variant` arguments (comma-separated).
+# The paper's ablations (Tables 1-3) as variants; `python -m p2p_jax.ablate` runs them as grids.
+_LOSSES = {   # name: (keeps the L1 term, keeps the adversarial term, D sees the input too)
+    "l1": (True, False, True),
+    "gan": (False, True, False),
+    "cgan": (False, True, True),
+    "l1+gan": (True, True, False),
+    "l1+cgan": (True, True, True),
+}
+_GENERATORS = {"unet": True, "encoder_decoder": False}   # name: skip connections
+_DISCRIMINATORS = {"1": ("pixel", None), "16": ("patch", 1), "70": ("patch", 3),
+                   "286": ("patch", 5)}   # receptive field: (disc_type, n_layers_d)
+_KNOWN = ("smoke, loss={" + "|".join(_LOSSES) + "}, generator={" + "|".join(_GENERATORS)
+          + "}, disc={" + "|".join(_DISCRIMINATORS) + "}")
 
-  smoke: the same code path at tiny sizes (32x32 images, a 5-level U-Net with
-  ngf = ndf = 8, 4 steps), seconds on a CPU. A config whose data must be
-  downloaded (tfds) reads the synthetic stand-in of the same kind instead, so
-  `:smoke` never needs the network.
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
+  """Applies `:variant` arguments: comma-separated, in order, freely combined.
+
+  smoke            the same code path at tiny sizes (32x32 images, a 5-level
+                   U-Net with ngf = ndf = 8, 4 steps), seconds on a CPU. A config
+                   whose data must be downloaded (tfds) reads the synthetic
+                   stand-in of the same kind instead, so `:smoke` never needs the
+                   network.
+  loss=NAME        the objectives of the paper's Table 1: l1 (lambda_gan = 0),
+                   gan (D sees the output alone, no L1), cgan (no L1), l1+gan
+                   (D sees the output alone), l1+cgan (the paper's, the default).
+                   Terms kept keep their configured weights.
+  generator=NAME   Table 2: unet, or encoder_decoder (the same net without skips).
+  disc=SIZE        Table 3, D's receptive field in pixels: 1 (PixelGAN), 16,
+                   70 (the default PatchGAN) or 286 (ImageGAN; its output is 2x2
+                   at 128x128 and nothing below 96x96).
+
+  E.g. `--config=configs/default.py:smoke,loss=l1,disc=16`.
   """
-  for name in filter(None, variant.split(",")):
-    if name != "smoke":
-      raise ValueError(f"Unknown config variant {name!r}; known: smoke.")
-    config.batch_size = 8
-    config.num_train_steps = 4
-    config.log_every_steps = 2
-    config.checkpoint_every_steps = 2
-    config.image_every_steps = 2
-    if config.data.source == "tfds":
-      labels_task = config.data.name in ("facades", "cityscapes")
-      config.data.source = "synthetic"
-      config.data.name = "labels2facades" if labels_task else "edges2objects"
-      config.data.direction = "AtoB"
-    config.data.preprocess = "resize_and_crop"
-    config.data.load_size = 36
-    config.data.crop_size = 32
-    config.data.num_train_examples = 32
-    config.data.num_eval_examples = 8
-    config.data.shuffle_buffer = 32
-    config.model.num_downs = 5
-    config.model.ngf = 8
-    config.model.ndf = 8
-    config.eval.batch_size = 8
-    config.eval.save_images = 4
+  for item in filter(None, (part.strip() for part in variant.split(","))):
+    key, _, value = item.partition("=")
+    if item == "smoke":
+      _apply_smoke(config)
+    elif key == "loss" and value in _LOSSES:
+      keep_l1, keep_gan, conditional = _LOSSES[value]
+      if not keep_l1:
+        config.loss.lambda_l1 = 0.0
+      if not keep_gan:
+        config.loss.lambda_gan = 0.0
+      config.model.conditional_d = conditional
+    elif key == "generator" and value in _GENERATORS:
+      config.model.skip_connections = _GENERATORS[value]
+    elif key == "disc" and value in _DISCRIMINATORS:
+      config.model.disc_type, n_layers = _DISCRIMINATORS[value]
+      if n_layers is not None:
+        config.model.n_layers_d = n_layers
+    else:
+      raise ValueError(f"Unknown config variant {item!r}; known: {_KNOWN}.")
+
+
+def _apply_smoke(config: ml_collections.ConfigDict) -> None:
+  config.batch_size = 8
+  config.num_train_steps = 4
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.image_every_steps = 2
+  if config.data.source == "tfds":
+    labels_task = config.data.name in ("facades", "cityscapes")
+    config.data.source = "synthetic"
+    config.data.name = "labels2facades" if labels_task else "edges2objects"
+    config.data.direction = "AtoB"
+  config.data.preprocess = "resize_and_crop"
+  config.data.load_size = 36
+  config.data.crop_size = 32
+  config.data.num_train_examples = 32
+  config.data.num_eval_examples = 8
+  config.data.shuffle_buffer = 32
+  config.model.num_downs = 5
+  config.model.ngf = 8
+  config.model.ndf = 8
+  config.eval.batch_size = 8
+  config.eval.save_images = 4
+  config.eval.fcn_scorer_steps = 20   # seconds, not minutes: scores mean little at this size

@@ -5,6 +5,12 @@ latest (or `config.eval.step`) checkpoint on whatever devices this machine has
 and writes `DIR/eval/step_<N>/metrics.json`, `images/<name>_{real_a,fake_b,
 real_b}.png` and `index.html`.
 
+Besides L1, PSNR and SSIM, metrics.json holds the paper's own scores where
+the data allows them: the colour statistics of Figure 7 for RGB outputs
+(`color_stats`: Lab histogram intersections and distance, mean chroma), and,
+with `config.eval.fcn_score` on data with class maps (synthetic
+labels2facades), the FCN-score of Tables 1-3 (`segmentation`).
+
 Test-time behaviour follows the paper by default: each image is normalised
 with its own BatchNorm statistics and dropout stays on.
 `config.eval.deterministic=True` uses the running statistics and no dropout.
@@ -15,7 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +31,11 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from p2p_jax import checkpoints
+from p2p_jax import color_stats
 from p2p_jax import images
 from p2p_jax import input_pipeline
 from p2p_jax import metrics as metrics_lib
+from p2p_jax import segmentation
 from p2p_jax import train
 
 _METRICS = ("l1", "psnr", "ssim")
@@ -78,8 +86,14 @@ def translate_split(replicated_state: train.TrainState, config: ml_collections.C
 
 def evaluate_split(replicated_state: train.TrainState, config: ml_collections.ConfigDict,
                    split: str, *, deterministic: bool, out_dir: str | None = None,
-                   max_images: int = -1, save_images: int = 0) -> dict[str, Any]:
-  """Mean L1 / PSNR / SSIM over `split` (all processes together); writes images if `out_dir`."""
+                   max_images: int = -1, save_images: int = 0,
+                   extra_scores: Sequence[Any] = ()) -> dict[str, Any]:
+  """Mean L1 / PSNR / SSIM over `split` (all processes together); writes images if `out_dir`.
+
+  `extra_scores`: split-level statistics (`color_stats.ColorStats`,
+  `segmentation.FcnScore`), each fed `add(batch, fake_b, keep)` per batch and
+  asked for `result()`, a dict merged into the returned one, at the end.
+  """
   totals = {name: 0.0 for name in _METRICS}
   count, saved_names = 0, []
   if out_dir:
@@ -91,6 +105,8 @@ def evaluate_split(replicated_state: train.TrainState, config: ml_collections.Co
       keep &= np.cumsum(keep) + count <= max_images
     for name in _METRICS:
       totals[name] += float(np.sum(scores[name][keep]))
+    for score in extra_scores:
+      score.add(batch, fake_b, keep)
     if out_dir and jax.process_index() == 0:
       for i in np.flatnonzero(keep):
         if save_images >= 0 and len(saved_names) >= save_images:
@@ -110,6 +126,8 @@ def evaluate_split(replicated_state: train.TrainState, config: ml_collections.Co
   if num_images == 0:
     raise ValueError(f"The {split!r} split of {config.data.source}:{config.data.name} is empty.")
   result = {name: float(sums[i + 1] / num_images) for i, name in enumerate(_METRICS)}
+  for score in extra_scores:
+    result.update(score.result())
   result.update(num_images=num_images, split=split, deterministic=deterministic,
                 test_mode=test_mode(deterministic))
   if out_dir and jax.process_index() == 0:
@@ -150,13 +168,25 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   out_dir = os.path.join(workdir, "eval", f"step_{step}")
   result = evaluate_split(train.replicate(state), config, config.data.eval_split,
                           deterministic=config.eval.deterministic, out_dir=out_dir,
-                          max_images=config.eval.num_images, save_images=config.eval.save_images)
+                          max_images=config.eval.num_images, save_images=config.eval.save_images,
+                          extra_scores=_extra_scores(config, workdir))
   result["step"] = step
   if jax.process_index() == 0:
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
       json.dump(result, f, indent=2)
   logging.info("Eval step %d: %s", step, json.dumps(result))
   return result
+
+
+def _extra_scores(config: ml_collections.ConfigDict, workdir: str) -> list[Any]:
+  """The paper's scores this config's data allows, beyond L1 / PSNR / SSIM."""
+  scores = []
+  if config.model.output_nc == 3 and config.eval.get("color_stats", True):
+    scores.append(color_stats.ColorStats())
+  fcn_score = segmentation.create_fcn_score(config, workdir)   # None unless eval.fcn_score
+  if fcn_score is not None:
+    scores.append(fcn_score)
+  return scores
 
 
 def translate_images(state: train.TrainState, real_a: jax.Array, rng: jax.Array, *,

@@ -46,6 +46,8 @@ def create_model(model_config: ml_collections.ConfigDict, *, axis_name: str | No
   `model_config.sync_batch_norm` is set (the default), so that the step
   normalises the global batch the same way on any number of devices.
   """
+  if model_config.disc_type not in ("patch", "pixel"):
+    raise ValueError(f"model.disc_type={model_config.disc_type!r} is not 'patch' or 'pixel'.")
   bn_axis = axis_name if model_config.sync_batch_norm else None
   dtype = jnp.dtype(model_config.dtype)
   generator = models.UNetGenerator(
@@ -58,8 +60,6 @@ def create_model(model_config: ml_collections.ConfigDict, *, axis_name: str | No
       n_layers=model_config.n_layers_d, ndf=model_config.ndf, norm=model_config.norm,
       pixel=model_config.disc_type == "pixel", conditional=model_config.conditional_d,
       bn_axis_name=bn_axis, dtype=dtype)
-  if model_config.disc_type not in ("patch", "pixel"):
-    raise ValueError(f"model.disc_type={model_config.disc_type!r} is not 'patch' or 'pixel'.")
   return generator, discriminator
 
 
@@ -126,6 +126,8 @@ class TrainState(flax.struct.PyTreeNode):
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
                        steps_per_epoch: float) -> TrainState:
   """Initialises G and D (on one host, unreplicated) for `config.data.crop_size` images."""
+  if config.loss.gan_mode not in losses.GAN_MODES:
+    raise ValueError(f"loss.gan_mode={config.loss.gan_mode!r} is not one of {losses.GAN_MODES}.")
   generator, discriminator = create_model(config.model)
   learning_rate_fn = create_learning_rate_fn(
       config.optim.learning_rate, steps_per_epoch, config.optim.n_epochs,
@@ -152,7 +154,6 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
                     disc_tx=disc_tx, learning_rate_fn=learning_rate_fn,
                     gan_mode=config.loss.gan_mode, lambda_l1=float(config.loss.lambda_l1),
                     lambda_gan=float(config.loss.lambda_gan))
-  losses.gan_loss(jnp.zeros(()), True, pix2pix.gan_mode)   # validates gan_mode early
   return TrainState(step=jnp.zeros((), jnp.int32), generator=gen_state,
                     discriminator=disc_state, pix2pix=pix2pix)
 
