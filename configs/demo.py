@@ -1,11 +1,13 @@
-"""The demo: edges -> objects on the embedded synthetic data, about 10 minutes on a 2-core CPU.
+"""The demo: labels -> facade photos on the embedded synthetic data, under 10 minutes on a 2-core CPU.
 
   python -m p2p_jax.main --config=configs/demo.py --workdir=runs/demo
   python -m p2p_jax.main --config=configs/demo.py --workdir=runs/demo --mode=eval
 
-The paper's model and losses at 64x64 (a 6-level U-Net, ngf = ndf = 32): the
-synthetic edges2objects task needs no download, and the objects' colours are
-not in the edge maps, so what the adversarial loss adds is visible.
+The paper's model and losses at 64x64 (a 6-level U-Net, ngf = ndf = 32) on the
+synthetic labels2facades task, the embedded counterpart of the paper's facades:
+no download, and after 3,000 steps (about 7 steps/s on an idle 2-core CPU) the
+outputs show walls, windows, balconies, doors and roofs where the labels put
+them. `--config.data.name=edges2objects` trains the edges -> objects task.
 """
 
 from configs import default
@@ -14,7 +16,7 @@ from configs import default
 def get_config(variant: str = ""):
   config = default.get_config()
   config.data.source = "synthetic"
-  config.data.name = "edges2objects"
+  config.data.name = "labels2facades"
   config.data.load_size = 72
   config.data.crop_size = 64
   config.data.num_train_examples = 4000
