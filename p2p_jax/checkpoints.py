@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 import flax.serialization
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -27,32 +28,36 @@ PyTree = Any
 CONFIG_FILE = "config.json"
 
 
+def _path(workdir: str) -> epath.Path:
+  """A local path (made absolute) or a cloud one such as gs://bucket/run."""
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the resolved config as JSON (read back by `load_config`) and YAML (to read)."""
-  os.makedirs(workdir, exist_ok=True)
+  root = _path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
   for name, text in ((CONFIG_FILE, config.to_json(indent=2, sort_keys=True)),
                      ("config.yaml", config.to_yaml())):
-    tmp = os.path.join(workdir, name + ".tmp")
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(workdir, name))
+    tmp = root / (name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(root / name)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = _path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(
         f"{path} does not exist: {workdir} holds no p2p_jax run. Train into it first "
         f"(python -m p2p_jax.main --config=... --workdir={workdir}) or convert weights into it "
         f"(python -m p2p_jax.convert_torch ... --workdir={workdir}).")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume a run whose saved architecture differs from `config`'s."""
-  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+  if not (_path(workdir) / CONFIG_FILE).exists():
     return
   saved = load_config(workdir)
   for field in ("model", "data.crop_size"):
@@ -87,7 +92,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, every_steps: int = 1, keep: int | None = 3,
                read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = _path(workdir) / "checkpoints"
     self.every_steps = max(every_steps, 1)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only,

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -94,10 +95,14 @@ def evaluate_split(replicated_state: train.TrainState, config: ml_collections.Co
   `segmentation.FcnScore`), each fed `add(batch, fake_b, keep)` per batch and
   asked for `result()`, a dict merged into the returned one, at the end.
   """
+  if max_images >= 0 and jax.process_count() > 1:
+    # The limit is global; each process evaluates its own contiguous part of the split.
+    part = -(-input_pipeline.num_examples(config, split) // jax.process_count())
+    max_images = min(part, max(0, max_images - jax.process_index() * part))
   totals = {name: 0.0 for name in _METRICS}
   count, saved_names = 0, []
   if out_dir:
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    epath.Path(out_dir, "images").mkdir(parents=True, exist_ok=True)
   for batch, fake_b, scores in translate_split(replicated_state, config, split,
                                                deterministic=deterministic, seed=config.seed):
     keep = batch["mask"].copy()
@@ -172,8 +177,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                           extra_scores=_extra_scores(config, workdir))
   result["step"] = step
   if jax.process_index() == 0:
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    epath.Path(out_dir, "metrics.json").write_text(json.dumps(result, indent=2))
   logging.info("Eval step %d: %s", step, json.dumps(result))
   return result
 

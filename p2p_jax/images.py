@@ -7,6 +7,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -24,9 +25,10 @@ def save_png(path: str, image: np.ndarray) -> None:
   """Writes [H, W, C] in [-1, 1] (C = 1 or 3) as an 8-bit PNG, atomically."""
   pixels = to_uint8(image)
   pil = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-  tmp = path + ".tmp.png"
-  pil.save(tmp)
-  os.replace(tmp, path)
+  tmp = epath.Path(path + ".tmp.png")          # local or cloud (gs://) paths alike
+  with tmp.open("wb") as f:
+    pil.save(f, format="PNG")
+  tmp.replace(path)
 
 
 def sample_grid(real_a: np.ndarray, fake_b: np.ndarray, real_b: np.ndarray,
@@ -56,8 +58,7 @@ def write_index_html(path: str, title: str, names: Sequence[str], summary: dict)
                     for kind in ("real_a", "fake_b", "real_b"))
     lines.append(f"<tr><td>{html.escape(name)}</td>{cells}</tr>")
   lines += ["</table></body></html>"]
-  with open(path, "w") as f:
-    f.write("\n".join(lines))
+  epath.Path(path).write_text("\n".join(lines))
 
 
 def safe_name(name: str) -> str:

@@ -8,6 +8,7 @@ runtime and hands over to `train.train_and_evaluate` or `evaluate.evaluate`.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -31,8 +32,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    _initialize_distributed()
+  elif FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id need "
+                         "--distributed (or P2P_JAX_DISTRIBUTED=1).")
   from p2p_jax import evaluate  # pylint: disable=g-import-not-at-top
   from p2p_jax import monitoring  # pylint: disable=g-import-not-at-top
   from p2p_jax import train  # pylint: disable=g-import-not-at-top
@@ -40,10 +43,34 @@ def main(argv):
 
   logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
-  if FLAGS.mode == "train":
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  else:
-    evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    if FLAGS.mode == "train":
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+      evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+  except Exception:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    # The other processes wait on this one in a collective, and JAX's exit handler
+    # would wait on them: report and leave now, so the launcher sees the failure.
+    logging.exception("Process %d failed; exiting.", jax.process_index())
+    logging.flush()
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _initialize_distributed() -> None:
+  """Joins the other processes. Flags left unset are detected from the cluster: TPU pods,
+  SLURM and Open MPI need none. On CPU, collectives between processes go over gloo."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  except ValueError as error:   # nothing to detect: not on a pod or a cluster
+    raise app.UsageError(
+        f"--distributed: {error} Outside a TPU pod, SLURM or Open MPI job, pass "
+        "--coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process "
+        "(launch/local.sh does so on one machine).") from error
 
 
 if __name__ == "__main__":

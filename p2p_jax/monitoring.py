@@ -67,6 +67,11 @@ class StopRequest:
   def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
     self.requested = False
     self._previous = {}
+    if jax.process_count() > 1:
+      # JAX's preemption service takes SIGTERM there and makes every process stop
+      # at the same step (Checkpointer.reached_preemption); a handler of our own
+      # would let processes stop at different steps and hang in a collective.
+      signals = ()
     if threading.current_thread() is threading.main_thread():
       for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
