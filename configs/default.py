@@ -56,7 +56,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   model.conditional_d = True             # False: D sees only the image (the "GAN" ablation)
   model.norm = "batch"                   # batch | instance | none
   model.sync_batch_norm = True           # average BatchNorm statistics over all devices
-  model.upconv_impl = "subpixel"         # subpixel | dilated: two forms of the same ConvTranspose
+  # Forms of the same layers (same parameters and results), chosen for speed:
+  model.upconv_impl = "auto"             # ConvTranspose: auto (per layer) | subpixel | dilated
+  model.conv_impl = "auto"               # Conv 4x4: auto (per layer) | xla
   model.dtype = "float32"                # compute dtype: float32 | bfloat16 (params stay float32)
 
   config.loss = loss = ml_collections.ConfigDict()

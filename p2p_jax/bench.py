@@ -165,6 +165,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
       "num_downs": config.model.num_downs,
       "dtype": config.model.dtype,
       "upconv_impl": config.model.upconv_impl,
+      "conv_impl": config.model.conv_impl,
       "steps": steps,
       "warmup": warmup,
       "step_times": times,

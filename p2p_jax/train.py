@@ -55,11 +55,11 @@ def create_model(model_config: ml_collections.ConfigDict, *, axis_name: str | No
       norm=model_config.norm, dropout_rate=model_config.dropout_rate,
       dropout_placement=model_config.dropout_placement,
       skip_connections=model_config.skip_connections, upconv_impl=model_config.upconv_impl,
-      bn_axis_name=bn_axis, dtype=dtype)
+      conv_impl=model_config.conv_impl, bn_axis_name=bn_axis, dtype=dtype)
   discriminator = models.PatchDiscriminator(
       n_layers=model_config.n_layers_d, ndf=model_config.ndf, norm=model_config.norm,
       pixel=model_config.disc_type == "pixel", conditional=model_config.conditional_d,
-      bn_axis_name=bn_axis, dtype=dtype)
+      conv_impl=model_config.conv_impl, bn_axis_name=bn_axis, dtype=dtype)
   return generator, discriminator
 
 

@@ -102,6 +102,9 @@ def test_unknown_choices_are_named():
     _init_shapes(models.UNetGenerator(num_downs=5, ngf=4, norm="layer"), (1, 32, 32, 3))
   with pytest.raises(ValueError, match="upconv_impl"):
     _init_shapes(models.UNetGenerator(num_downs=5, ngf=4, upconv_impl="fast"), (1, 32, 32, 3))
+  with pytest.raises(ValueError, match="conv_impl='im2col'"):
+    _init_shapes(models.PatchDiscriminator(ndf=4, conv_impl="im2col"), (1, 32, 32, 3),
+                 (1, 32, 32, 3))
 
 
 def _conv_transpose_by_definition(x, kernel):
@@ -114,33 +117,76 @@ def _conv_transpose_by_definition(x, kernel):
   return out[:, 1:-1, 1:-1]
 
 
-def test_subpixel_and_dilated_upconv_agree_with_the_definition_and_each_other():
+def _pullback(fn, x, kernel, cotangent):
+  return jax.grad(lambda x, k: jnp.sum(fn(x, k) * cotangent), argnums=(0, 1))(
+      jnp.asarray(x), jnp.asarray(kernel))
+
+
+# (input shape, output channels): a generic layer, one whose outputs are few
+# enough for the matmul forward, and two "kernel-major" bottleneck layers.
+@pytest.mark.parametrize("shape,c_out", [((2, 5, 6, 24), 20), ((2, 5, 6, 3), 4),
+                                         ((1, 1, 1, 16), 64), ((2, 2, 3, 8), 64)])
+def test_upconv_forms_agree_with_the_definition_and_each_other(shape, c_out):
   rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, 5, 6, 3)).astype(np.float32)
-  kernel = rng.normal(size=(4, 4, 3, 4)).astype(np.float32)
+  x = rng.normal(size=shape).astype(np.float32)
+  kernel = rng.normal(size=(4, 4, shape[-1], c_out)).astype(np.float32)
   expected = _conv_transpose_by_definition(x.astype(np.float64), kernel.astype(np.float64))
-  subpixel = models.upsample_subpixel(jnp.asarray(x), jnp.asarray(kernel))
-  dilated = models.upsample_dilated(jnp.asarray(x), jnp.asarray(kernel))
-  np.testing.assert_allclose(subpixel, expected, atol=1e-5)
-  np.testing.assert_allclose(dilated, expected, atol=1e-5)
+  forms = {"subpixel": models.upsample_subpixel, "dilated": models.upsample_dilated,
+           "auto": models.upsample_auto}
+  for name, fn in forms.items():
+    np.testing.assert_allclose(fn(jnp.asarray(x), jnp.asarray(kernel)), expected, atol=5e-5,
+                               err_msg=name)
 
   cotangent = jnp.asarray(rng.normal(size=expected.shape).astype(np.float32))
-  def pulled_back(fn):
-    return jax.grad(lambda x, k: jnp.sum(fn(x, k) * cotangent), argnums=(0, 1))(
-        jnp.asarray(x), jnp.asarray(kernel))
-  for grad_subpixel, grad_dilated in zip(pulled_back(models.upsample_subpixel),
-                                         pulled_back(models.upsample_dilated)):
-    np.testing.assert_allclose(grad_subpixel, grad_dilated, rtol=1e-5, atol=1e-5)
+  reference = _pullback(models.upsample_dilated, x, kernel, cotangent)
+  for name in ("subpixel", "auto"):
+    for grad, want in zip(_pullback(forms[name], x, kernel, cotangent), reference):
+      np.testing.assert_allclose(grad, want, rtol=1e-5, atol=5e-5, err_msg=name)
 
 
-def test_generator_forms_share_parameters_and_outputs():
+@pytest.mark.parametrize("shape,c_out,stride", [((2, 8, 6, 5), 4, 2), ((1, 7, 9, 3), 6, 1),
+                                                ((2, 4, 4, 32), 64, 2)])
+def test_conv_forms_agree_in_value_and_gradients(shape, c_out, stride):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=shape).astype(np.float32)
+  kernel = rng.normal(size=(4, 4, shape[-1], c_out)).astype(np.float32)
+  xla = models.conv4x4_xla(jnp.asarray(x), jnp.asarray(kernel), stride)
+  matmul = models.conv4x4_matmul(jnp.asarray(x), jnp.asarray(kernel), stride)
+  np.testing.assert_allclose(matmul, xla, atol=5e-5)
+  cotangent = jnp.asarray(rng.normal(size=xla.shape).astype(np.float32))
+  for grad, want in zip(
+      _pullback(lambda x, k: models.conv4x4_matmul(x, k, stride), x, kernel, cotangent),
+      _pullback(lambda x, k: models.conv4x4_xla(x, k, stride), x, kernel, cotangent)):
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=5e-5)
+
+
+def test_network_forms_share_parameters_outputs_and_gradients():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  subpixel = models.UNetGenerator(num_downs=5, ngf=4, upconv_impl="subpixel")
-  dilated = subpixel.clone(upconv_impl="dilated")
-  variables = subpixel.init(jax.random.key(1), x)
-  kwargs = dict(use_running_average=True, deterministic=True)
-  np.testing.assert_allclose(subpixel.apply(variables, x, **kwargs),
-                             dilated.apply(variables, x, **kwargs), atol=1e-5)
+  y = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+  # ngf 32 at 32x32 puts the inner levels in the matmul regime of the `auto` forms.
+  auto = models.UNetGenerator(num_downs=5, ngf=32)
+  variables = auto.init(jax.random.key(1), x)
+  disc = models.PatchDiscriminator(n_layers=3, ndf=8)
+  disc_variables = disc.init(jax.random.key(3), x, y)
+
+  def loss(params, generator):
+    fake = generator.apply({**variables, "params": params}, x, use_running_average=True,
+                           deterministic=True)
+    logits = disc.apply(disc_variables, x, fake, use_running_average=True)
+    return jnp.mean(jnp.abs(fake - y)) + jnp.mean(logits), fake
+
+  reference, reference_fake = jax.grad(loss, has_aux=True)(
+      variables["params"], auto.clone(upconv_impl="dilated", conv_impl="xla"))
+  for form in (auto, auto.clone(upconv_impl="subpixel")):
+    grads, fake = jax.grad(loss, has_aux=True)(variables["params"], form)
+    np.testing.assert_allclose(fake, reference_fake, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # The discriminator's forms, on its own parameters.
+  xla_disc = disc.clone(conv_impl="xla")
+  np.testing.assert_allclose(disc.apply(disc_variables, x, y, use_running_average=True),
+                             xla_disc.apply(disc_variables, x, y, use_running_average=True),
+                             atol=1e-5)
 
 
 def test_dropout_placement():
