@@ -268,19 +268,10 @@ def upsample_dilated(x: Array, kernel: Array) -> Array:
 # are several times slower.
 
 
-def _windows(y: Array, h: int, w: int) -> Array:
-  """[N, 2h, 2w, C] -> [N, h, w, 4, 4, C]: y[2i - 1 + u, 2j - 1 + v] (zero outside)."""
-  n, _, _, c = y.shape
-  padded = jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  taps = [lax.slice(padded, (0, u, v, 0), (n, u + 2 * h - 1, v + 2 * w - 1, c), (1, 2, 2, 1))
-          for u in range(4) for v in range(4)]
-  return jnp.stack(taps, axis=3).reshape(n, h, w, 4, 4, c)
-
-
 def _overlap_add(cols: Array) -> Array:
   """[N, h, w, 4, 4, C] -> [N, 2h, 2w, C]: out[2i - 1 + u, 2j - 1 + v] += cols[i, j, u, v].
 
-  The adjoint of `_windows`. With u = 2a + p, tap (a, p) lands on row
+  The adjoint of `_patches(., 2)`. With u = 2a + p, tap (a, p) lands on row
   2(i + a) + p of the output padded by one, so each (a, b) is one shifted block.
   """
   n, h, w, _, _, c = cols.shape
@@ -340,7 +331,7 @@ def _upsample_auto_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Arr
   n, h, w, c_in = x.shape
   c_out = kernel.shape[-1]
   pixels = n * h * w
-  windows = _windows(grad, h, w)                                # [N, h, w, 4, 4, C_out]
+  windows = _patches(grad, 2).reshape(n, h, w, 4, 4, c_out)
   if _kernel_major(x, c_out):
     taps = windows.reshape(pixels, 16, c_out)
     # [16, C_in, C_out] x [16, C_out, M] -> [16, C_in, M], summed over the taps.
