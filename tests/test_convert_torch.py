@@ -19,10 +19,22 @@ from p2p_jax import evaluate
 from p2p_jax import models
 from p2p_jax import train
 
+from tests.shared_files import shared_path
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIDELITY = os.path.join(ROOT, "..", "shared", "fidelity")   # shared/ lies beside the checkout
-G_PTH = os.path.join(FIDELITY, "unet256_ngf8_net_G.pth")
-D_PTH = os.path.join(FIDELITY, "unet256_ngf8_net_D.pth")
+
+
+def _fidelity(name):
+  return shared_path("fidelity", name)
+
+
+def _g_pth():
+  return _fidelity("unet256_ngf8_net_G.pth")
+
+
+def _d_pth():
+  return _fidelity("unet256_ngf8_net_D.pth")
+
 TOLERANCE = 1e-5
 _MOMENTUM = 0.1   # PyTorch's BatchNorm momentum, which ours follows
 
@@ -35,7 +47,7 @@ def _model_config(**overrides):
 
 @pytest.fixture(scope="module")
 def vectors():
-  return dict(np.load(os.path.join(FIDELITY, "unet256_ngf8_vectors.npz")))
+  return dict(np.load(_fidelity("unet256_ngf8_vectors.npz")))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +55,7 @@ def state_dicts():
   """The ngf = ndf = 8 official state dicts as numpy arrays: (G, D)."""
   def read(path):
     return {key: value.numpy() for key, value in torch.load(path, weights_only=True).items()}
-  return read(G_PTH), read(D_PTH)
+  return read(_g_pth()), read(_d_pth())
 
 
 def _max_error(output, expected):
@@ -71,8 +83,8 @@ def _stats_before_last_update(module, variables, *inputs, **kwargs):
 
 def test_converted_networks_reproduce_the_official_outputs(vectors):
   config = _model_config(ngf=8, ndf=8)
-  generator, gen_vars = convert_torch.load_generator(G_PTH, config)
-  discriminator, disc_vars = convert_torch.load_discriminator(D_PTH, config)
+  generator, gen_vars = convert_torch.load_generator(_g_pth(), config)
+  discriminator, disc_vars = convert_torch.load_discriminator(_d_pth(), config)
   real_a, real_b = vectors["real_a"], vectors["real_b"]
 
   fake_b, _ = generator.apply(gen_vars, real_a, use_running_average=False, deterministic=True,
@@ -93,7 +105,7 @@ def test_converted_networks_reproduce_the_official_outputs(vectors):
 
 
 def test_full_size_official_keys_fill_every_variable():
-  with open(os.path.join(FIDELITY, "official_keys_full.json")) as f:
+  with open(_fidelity("official_keys_full.json")) as f:
     key_lists = json.load(f)
   config = _model_config()        # unet_256, basic D, ngf = ndf = 64, BatchNorm
   gen_module, disc_module = train.create_model(config, axis_name=None)
@@ -174,7 +186,7 @@ def test_extra_and_missing_keys_are_named(state_dicts):
 def test_reading_a_pth_without_torch_says_how_to_install_it(monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)    # `import torch` now fails
   with pytest.raises(ImportError, match=r"pip install torch==2\.13\.0 \(CPU\)"):
-    convert_torch.load_generator(G_PTH, _model_config(ngf=8, ndf=8))
+    convert_torch.load_generator(_g_pth(), _model_config(ngf=8, ndf=8))
 
 
 def test_download_pretrained_from_a_file_url_and_the_cache(tmp_path):
@@ -331,7 +343,7 @@ def test_command_line_conversion_gives_a_run_that_eval_and_predict_use(vectors, 
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   result = subprocess.run(
       [sys.executable, "-m", "p2p_jax.convert_torch", "--pretrained=facades_label2photo",
-       f"--pretrained_url=file://{os.path.abspath(G_PTH)}", f"--cache_dir={tmp_path / 'cache'}",
+       f"--pretrained_url=file://{os.path.abspath(_g_pth())}", f"--cache_dir={tmp_path / 'cache'}",
        "--config=configs/facades.py", "--config.model.ngf=8", "--config.model.ndf=8",
        f"--workdir={workdir}"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -348,7 +360,7 @@ def test_command_line_conversion_gives_a_run_that_eval_and_predict_use(vectors, 
   assert _max_error(fake_b, vectors["g_train_nodropout"]) < TOLERANCE
 
   again = subprocess.run(
-      [sys.executable, "-m", "p2p_jax.convert_torch", f"--generator={G_PTH}",
+      [sys.executable, "-m", "p2p_jax.convert_torch", f"--generator={_g_pth()}",
        "--config=configs/facades.py", "--config.model.ngf=8", "--config.model.ndf=8",
        f"--workdir={workdir}"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert again.returncode != 0 and "already holds checkpoints" in again.stderr

@@ -7,6 +7,8 @@ statistics and G's gradient (taken against the updated D) must agree.
 """
 
 import dataclasses
+import functools
+import importlib.util
 import os
 import sys
 
@@ -19,9 +21,18 @@ import torch
 from configs import default
 from p2p_jax import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "..", "shared", "bench"))
-import torch_ref_step  # noqa: E402  pylint: disable=g-import-not-at-top
+from tests.shared_files import shared_path
+
+
+@functools.cache
+def _reference():
+  """shared/bench/torch_ref_step.py, imported when a test first needs it."""
+  spec = importlib.util.spec_from_file_location(
+      "torch_ref_step", shared_path("bench", "torch_ref_step.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
 
 NUM_DOWNS, SIDE, BATCH = 5, 32, 2
 
@@ -68,7 +79,7 @@ def _relative_error(ours, theirs):
 
 
 def test_one_step_equals_the_pytorch_reference_step():
-  reference = torch_ref_step.Pix2PixStep(image_size=SIDE, num_downs=NUM_DOWNS, seed=0)
+  reference = _reference().Pix2PixStep(image_size=SIDE, num_downs=NUM_DOWNS, seed=0)
   reference.G.dropout = 0.0                      # the one random part, off on both sides
   (gen_params, gen_stats), (disc_params, disc_stats), conv, conv_transpose = (
       _reference_variables(reference))
@@ -90,7 +101,7 @@ def test_one_step_equals_the_pytorch_reference_step():
       generator=train.NetState(gen_params, gen_stats, recorder.init(gen_params)),
       discriminator=train.NetState(disc_params, disc_stats, adam.init(disc_params)))
 
-  real_a, real_b = torch_ref_step.random_batch(BATCH, SIDE)
+  real_a, real_b = _reference().random_batch(BATCH, SIDE)
   reference.step(real_a, real_b)
   batch = {"real_a": _numpy(real_a).transpose(0, 2, 3, 1),
            "real_b": _numpy(real_b).transpose(0, 2, 3, 1)}
