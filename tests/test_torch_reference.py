@@ -9,7 +9,6 @@ statistics and G's gradient (taken against the updated D) must agree.
 import dataclasses
 import functools
 import importlib.util
-import os
 import sys
 
 import jax
