@@ -172,17 +172,63 @@ def _conv4x4_matmul_bwd(stride, residuals, grad):
 conv4x4_matmul.defvjp(_conv4x4_matmul_fwd, _conv4x4_matmul_bwd)
 
 
+def _blocks(x: Array) -> Array:
+  """[N, H, W, C] padded by one -> its 2x2 blocks [N, H/2 + 1, W/2 + 1, (row, col, C)]."""
+  n, height, width, c = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  blocks = padded.reshape(n, height // 2 + 1, 2, width // 2 + 1, 2, c)
+  return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(n, height // 2 + 1, width // 2 + 1, 4 * c)
+
+
+def _space_to_depth_conv(x: Array, kernel: Array) -> Array:
+  """The stride-2 convolution as a stride-1 2x2 convolution of the padded input's
+  2x2 blocks (space-to-depth: [N, H/2 + 1, W/2 + 1, 4 * C]) with the kernel's
+  taps regrouped the same way. Output row o reads padded rows 2o..2o+3, which
+  are exactly blocks o and o + 1."""
+  c = x.shape[-1]
+  taps = kernel.reshape(2, 2, 2, 2, c, kernel.shape[-1]).transpose(0, 2, 1, 3, 4, 5)
+  return lax.conv_general_dilated(_blocks(x), taps.reshape(2, 2, 4 * c, kernel.shape[-1]),
+                                  (1, 1), "VALID", dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def conv4x4_s2(x: Array, kernel: Array) -> Array:
+  """The stride-2 convolution, XLA's forward pass and kernel gradient, and the
+  input gradient of its space-to-depth form: a stride-1 convolution, where
+  XLA's own input gradient of a stride-2 convolution is a dilated one, 2-3x
+  slower at batch 4 on the 128 and 64 px layers (and no faster elsewhere)."""
+  return conv4x4_xla(x, kernel, 2)
+
+
+def _conv4x4_s2_fwd(x, kernel):
+  return conv4x4_xla(x, kernel, 2), (x, kernel)
+
+
+def _conv4x4_s2_bwd(residuals, grad):
+  x, kernel = residuals
+  x_grad = upsample_space_to_depth(grad, jnp.swapaxes(kernel, 2, 3))
+  _, kernel_vjp = jax.vjp(lambda kernel: conv4x4_xla(x, kernel, 2), kernel)
+  (kernel_grad,) = kernel_vjp(grad)
+  return x_grad, kernel_grad
+
+
+conv4x4_s2.defvjp(_conv4x4_s2_fwd, _conv4x4_s2_bwd)
+
+
 def conv4x4_auto(x: Array, kernel: Array, stride: int) -> Array:
   """The same convolution in the form XLA:CPU runs fastest for the layer's shapes.
 
   Measured per layer (unet_256 and the 70x70 PatchGAN, batch 1 and 4): the
   matmul form wins where the output has at most twice as many pixels as
   channels (the encoder's inner levels, 2-8x faster at the 4x4 and 2x2 ones)
-  and on 3-channel images; XLA's convolution wins everywhere else.
+  and on 3-channel images; `conv4x4_s2` for the other stride-2 layers; XLA's
+  convolution for the stride-1 ones.
   """
   out_pixels = x.shape[0] * (x.shape[1] // stride) * (x.shape[2] // stride)
   if stride == 2 and (out_pixels <= 2 * kernel.shape[-1] or x.shape[-1] <= 3):
     return conv4x4_matmul(x, kernel, stride)
+  if stride == 2 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+    return conv4x4_s2(x, kernel)
   return conv4x4_xla(x, kernel, stride)
 
 
@@ -247,6 +293,18 @@ def upsample_subpixel(x: Array, kernel: Array) -> Array:
   return out.reshape(n, 2 * h, 2 * w, kernel.shape[-1])
 
 
+def upsample_space_to_depth(x: Array, kernel: Array) -> Array:
+  """The same transposed convolution as the adjoint of a stride-2 convolution in
+  its space-to-depth form (`_space_to_depth_conv` with the kernel's channel axes
+  swapped): one stride-1 2x2 convolution that writes all four phases of each
+  output pixel's 2x2 block, then depth-to-space."""
+  n, h, w, _ = x.shape
+  image = jax.ShapeDtypeStruct((n, 2 * h, 2 * w, kernel.shape[-1]), x.dtype)
+  (y,) = jax.linear_transpose(lambda z: _space_to_depth_conv(z, jnp.swapaxes(kernel, 2, 3)),
+                              image)(x)
+  return y
+
+
 def upsample_dilated(x: Array, kernel: Array) -> Array:
   """The same transposed convolution written the usual way: a stride-1
   convolution of the 2x-dilated input with the spatially flipped kernel."""
@@ -261,11 +319,11 @@ def upsample_dilated(x: Array, kernel: Array) -> Array:
 # weights against a few pixels), so there the forward pass and both gradients
 # are matmuls batched over the 16 kernel taps that read and write the kernel
 # where it lies, and only activations are transposed. Elsewhere the forward
-# pass is the sub-pixel form (or, for the 3-channel output layer, one matmul
-# and an overlap-add), the input gradient a stride-2 convolution (both on XLA's
-# fast convolution path), and the kernel gradient one matmul of the input with
-# the gradient's 4x4 windows: XLA's own weight gradients of these convolutions
-# are several times slower.
+# pass is one matmul and an overlap-add of its products (or, where those pass
+# 32 MiB, the space-to-depth form), the input gradient a stride-2 convolution
+# on XLA's fast path, and the kernel gradient one matmul of the input with the
+# gradient's 4x4 windows: XLA's own weight gradients of these convolutions are
+# several times slower.
 
 
 def _overlap_add(cols: Array) -> Array:
@@ -291,6 +349,14 @@ def _kernel_major(x: Array, c_out: int) -> bool:
   return c_out > 2 * x.shape[0] * x.shape[1] * x.shape[2]
 
 
+def _large_windows(x: Array, c_out: int) -> bool:
+  # The matmul forward's products and the kernel gradient's windows are both
+  # [pixels, 16 * C_out], copied and summed at memory speed; past 2**23 values
+  # (unet_256 at batch 4, the 64 px level) the space-to-depth forms are up to 2x
+  # faster. The outermost layer (3 channels) always takes the matmul.
+  return c_out > 16 and x.shape[0] * x.shape[1] * x.shape[2] * 16 * c_out > 2 ** 23
+
+
 def upsample_cols(x: Array, kernel: Array) -> Array:
   """The same transposed convolution as one matmul (every pixel times the kernel's
   16 taps) and an overlap-add of the products."""
@@ -302,9 +368,9 @@ def upsample_cols(x: Array, kernel: Array) -> Array:
 
 def _upsample_auto_forward(x: Array, kernel: Array) -> Array:
   if not _kernel_major(x, kernel.shape[-1]):
-    if kernel.shape[-1] <= 16:      # the outermost layer (3 channels): 3x faster
-      return upsample_cols(x, kernel)
-    return upsample_subpixel(x, kernel)
+    if _large_windows(x, kernel.shape[-1]):
+      return upsample_space_to_depth(x, kernel)
+    return upsample_cols(x, kernel)
   n, h, w, c_in = x.shape
   c_out = kernel.shape[-1]
   pixels = jnp.broadcast_to(x.reshape(1, n * h * w, c_in), (16, n * h * w, c_in))
@@ -331,9 +397,8 @@ def _upsample_auto_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Arr
   n, h, w, c_in = x.shape
   c_out = kernel.shape[-1]
   pixels = n * h * w
-  windows = _patches(grad, 2).reshape(n, h, w, 4, 4, c_out)
   if _kernel_major(x, c_out):
-    taps = windows.reshape(pixels, 16, c_out)
+    taps = _patches(grad, 2).reshape(pixels, 16, c_out)
     # [16, C_in, C_out] x [16, C_out, M] -> [16, C_in, M], summed over the taps.
     x_grad = _dot(kernel.reshape(16, c_in, c_out), taps.transpose(1, 2, 0), ((2,), (1,)),
                   ((0,), (0,))).sum(axis=0).T.reshape(n, h, w, c_in)
@@ -345,9 +410,19 @@ def _upsample_auto_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Arr
     # convolution that reads the kernel as [H, W, O, I].
     x_grad = lax.conv_general_dilated(grad, kernel, (2, 2), ((1, 1), (1, 1)),
                                       dimension_numbers=("NHWC", "HWOI", "NHWC"))
-    kernel_grad = _dot(x.reshape(pixels, c_in), windows.reshape(pixels, 16 * c_out),
-                       ((0,), (0,)))
-    kernel_grad = kernel_grad.reshape(c_in, 4, 4, c_out).transpose(1, 2, 0, 3)
+    flat_x = x.reshape(pixels, c_in)
+    if _large_windows(x, c_out):
+      # The windows as four shifted views of the gradient's 2x2 blocks, not
+      # sixteen strided slices: tap u = 2a + p is block row i + a, phase p.
+      blocks = _blocks(grad)
+      parts = [_dot(flat_x, blocks[:, a:a + h, b:b + w].reshape(pixels, 4 * c_out), ((0,), (0,)))
+               for a in range(2) for b in range(2)]
+      kernel_grad = jnp.stack(parts).reshape(2, 2, c_in, 2, 2, c_out)   # [a, b, C_in, p, q, C_out]
+      kernel_grad = kernel_grad.transpose(0, 3, 1, 4, 2, 5).reshape(4, 4, c_in, c_out)
+    else:
+      windows = _patches(grad, 2).reshape(pixels, 16 * c_out)
+      kernel_grad = _dot(flat_x, windows, ((0,), (0,)))
+      kernel_grad = kernel_grad.reshape(c_in, 4, 4, c_out).transpose(1, 2, 0, 3)
   return x_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
 
 
