@@ -37,8 +37,8 @@ paper's losses, optimiser and schedule otherwise. Table 3 runs at 128x128
 (a 7-level U-Net) and 2,000 steps: the 286x286 discriminator has no output
 at 64x64 (2x2 at 128x128), and at 64x64 the 70x70 one already sees the whole image. On
 a 2-core CPU shared with other jobs a step took 0.25-0.5 s at 64x64 (13-25
-minutes a row) and 0.8-1.6 s at 128x128 (26-53 minutes a row); the scorer
-trains once, in about 3 minutes. The paper trains at 256x256 with
+minutes a row) and about 1 s at 128x128 (16 minutes a row at --steps=1000);
+the scorer trains once, in about 3 minutes. The paper trains at 256x256 with
 batch 1 (Table 2: batch 10) for 200 epochs.
 """
 

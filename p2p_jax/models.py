@@ -407,9 +407,14 @@ def _upsample_auto_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Arr
     kernel_grad = kernel_grad.reshape(4, 4, c_in, c_out)
   else:
     # x_grad[i] = sum_uv grad[2i - 1 + u, 2j - 1 + v] @ kernel[u, v]^T: a stride-2
-    # convolution that reads the kernel as [H, W, O, I].
-    x_grad = lax.conv_general_dilated(grad, kernel, (2, 2), ((1, 1), (1, 1)),
-                                      dimension_numbers=("NHWC", "HWOI", "NHWC"))
+    # convolution that reads the kernel as [H, W, O, I]; where it has fewer pixels
+    # than channels, one matmul of the gradient's windows (as `conv4x4_matmul`).
+    if pixels <= c_in:
+      x_grad = _dot(_patches(grad, 2), jnp.swapaxes(kernel, 2, 3).reshape(16 * c_out, c_in),
+                    ((3,), (0,)))
+    else:
+      x_grad = lax.conv_general_dilated(grad, kernel, (2, 2), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWOI", "NHWC"))
     flat_x = x.reshape(pixels, c_in)
     if _large_windows(x, c_out):
       # The windows as four shifted views of the gradient's 2x2 blocks, not

@@ -123,11 +123,12 @@ def _pullback(fn, x, kernel, cotangent):
 
 
 # (input shape, output channels): a generic layer, one whose outputs are few
-# enough for the matmul forward, two "kernel-major" bottleneck layers, and one
-# whose 4x4 windows pass 2**23 values (the space-to-depth forms of `auto`).
+# enough for the matmul forward, two "kernel-major" bottleneck layers, one with
+# fewer pixels than input channels (matmul input gradient), and one whose 4x4
+# windows pass 2**23 values (the space-to-depth forms of `auto`).
 @pytest.mark.parametrize("shape,c_out", [((2, 5, 6, 24), 20), ((2, 5, 6, 3), 4),
                                          ((1, 1, 1, 16), 64), ((2, 2, 3, 8), 64),
-                                         ((3, 64, 64, 4), 64)])
+                                         ((1, 4, 4, 32), 8), ((3, 64, 64, 4), 64)])
 def test_upconv_forms_agree_with_the_definition_and_each_other(shape, c_out):
   rng = np.random.default_rng(0)
   x = rng.normal(size=shape).astype(np.float32)
