@@ -409,14 +409,15 @@ def _upsample_auto_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Arr
     # x_grad[i] = sum_uv grad[2i - 1 + u, 2j - 1 + v] @ kernel[u, v]^T: a stride-2
     # convolution that reads the kernel as [H, W, O, I]; where it has fewer pixels
     # than channels, one matmul of the gradient's windows (as `conv4x4_matmul`).
+    large = _large_windows(x, c_out)
+    windows = None if large and pixels > c_in else _patches(grad, 2)   # [N, h, w, 16 * C_out]
     if pixels <= c_in:
-      x_grad = _dot(_patches(grad, 2), jnp.swapaxes(kernel, 2, 3).reshape(16 * c_out, c_in),
-                    ((3,), (0,)))
+      x_grad = _dot(windows, jnp.swapaxes(kernel, 2, 3).reshape(16 * c_out, c_in), ((3,), (0,)))
     else:
       x_grad = lax.conv_general_dilated(grad, kernel, (2, 2), ((1, 1), (1, 1)),
                                         dimension_numbers=("NHWC", "HWOI", "NHWC"))
     flat_x = x.reshape(pixels, c_in)
-    if _large_windows(x, c_out):
+    if large:
       # The windows as four shifted views of the gradient's 2x2 blocks, not
       # sixteen strided slices: tap u = 2a + p is block row i + a, phase p.
       blocks = _blocks(grad)
@@ -425,8 +426,7 @@ def _upsample_auto_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Arr
       kernel_grad = jnp.stack(parts).reshape(2, 2, c_in, 2, 2, c_out)   # [a, b, C_in, p, q, C_out]
       kernel_grad = kernel_grad.transpose(0, 3, 1, 4, 2, 5).reshape(4, 4, c_in, c_out)
     else:
-      windows = _patches(grad, 2).reshape(pixels, 16 * c_out)
-      kernel_grad = _dot(flat_x, windows, ((0,), (0,)))
+      kernel_grad = _dot(flat_x, windows.reshape(pixels, 16 * c_out), ((0,), (0,)))
       kernel_grad = kernel_grad.reshape(c_in, 4, 4, c_out).transpose(1, 2, 0, 3)
   return x_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
 
