@@ -215,19 +215,136 @@ def _conv4x4_s2_bwd(residuals, grad):
 conv4x4_s2.defvjp(_conv4x4_s2_fwd, _conv4x4_s2_bwd)
 
 
+# Winograd's minimal filtering F(2, 4) for the stride-1 convolution: two outputs
+# of a 4-tap correlation from five inputs with five products instead of eight,
+# y = A^T [(G g) * (B^T d)] (Toom-Cook on the points 0, 1, -1, 2 and infinity).
+# In 2-D a 2x2 output tile costs 25 products per channel pair instead of 64, so
+# the convolution is 25 matmuls [tiles, C_in] x [C_in, C_out] between linear
+# transforms of the input tiles, the kernel and the products. The rows of B^T
+# are scaled to integers (and those of G by the inverse), so the input
+# transform adds no rounding of its own.
+_WINOGRAD_BT = ((2, -1, -2, 1, 0), (0, 2, 1, -1, 0), (0, -2, 3, -1, 0), (0, -1, 0, 1, 0),
+                (0, 2, -1, -2, 1))
+_WINOGRAD_G = ((1 / 2, 0, 0, 0), (1 / 2, 1 / 2, 1 / 2, 1 / 2), (1 / 6, -1 / 6, 1 / 6, -1 / 6),
+               (1 / 6, 1 / 3, 2 / 3, 4 / 3), (0, 0, 0, 1))
+_WINOGRAD_AT = ((1, 1, 1, 1, 0), (0, 1, -1, 2, 1))
+
+
+def _combine(coefficients: Sequence[float], parts: Sequence[Array]) -> Array:
+  """sum_i coefficients[i] * parts[i], without the zero terms."""
+  total = None
+  for coefficient, part in zip(coefficients, parts):
+    if coefficient:
+      term = part if coefficient == 1 else -part if coefficient == -1 else coefficient * part
+      total = term if total is None else total + term
+  return total
+
+
+def _winograd_tiles(x: Array) -> list[Array]:
+  """[N, H, W, C] -> the 25 transformed input tiles B^T d B, each [N, tiles_h, tiles_w, C]."""
+  _, height, width, _ = x.shape
+  tiles_h, tiles_w = height // 2, width // 2
+  # Output tile (i, j) reads rows 2i..2i+4 and columns 2j..2j+4 of the input
+  # padded by one (and by as many more zeros as the last tile needs).
+  padded = jnp.pad(x, ((0, 0), (1, 2 * tiles_h + 2 - height), (1, 2 * tiles_w + 2 - width),
+                       (0, 0)))
+  rows = [padded[:, i:i + 2 * tiles_h - 1:2] for i in range(5)]
+  tiles = []
+  for bt_a in _WINOGRAD_BT:
+    mix = _combine(bt_a, rows)
+    cols = [mix[:, :, j:j + 2 * tiles_w - 1:2] for j in range(5)]
+    tiles.extend(_combine(bt_b, cols) for bt_b in _WINOGRAD_BT)
+  return tiles
+
+
+def _winograd_untile(products: list[Array], out_h: int, out_w: int) -> Array:
+  """The 25 products [N, tiles_h, tiles_w, C] -> the output A^T m A, [N, out_h, out_w, C]."""
+  n, tiles_h, tiles_w, c = products[0].shape
+  out_rows = []
+  for at_p in _WINOGRAD_AT:
+    mixed = [_combine(at_p, products[b::5]) for b in range(5)]
+    out_rows.append(jnp.stack([_combine(at_q, mixed) for at_q in _WINOGRAD_AT], axis=3))
+  y = jnp.stack(out_rows, axis=2).reshape(n, 2 * tiles_h, 2 * tiles_w, c)
+  return y[:, :out_h, :out_w]
+
+
+def _winograd_kernel(kernel: Array) -> Array:
+  """[4, 4, C_in, C_out] -> G g G^T, [25, C_in, C_out]."""
+  g = jnp.asarray(_WINOGRAD_G, jnp.float32)
+  c_in, c_out = kernel.shape[2], kernel.shape[3]
+  taps = _dot(jnp.kron(g, g), kernel.reshape(16, c_in * c_out), ((1,), (0,)))
+  return taps.reshape(25, c_in, c_out)
+
+
+@jax.custom_vjp
+def conv4x4_winograd(x: Array, kernel: Array) -> Array:
+  """The stride-1 convolution by Winograd's F(2x2, 4x4): 2.56x fewer multiplies.
+
+  The gradients reuse the algorithm: the output gradient is transformed once
+  (A^T's adjoint); 25 matmuls with the transformed kernel give the transformed
+  input gradient (then B^T's adjoint), and 25 with the saved input tiles the
+  transformed kernel gradient (then G's adjoint). The transforms run in
+  float32 whatever the compute dtype (only the matmuls' operands take it).
+  Float32 results differ from the direct convolution by about twice its own
+  rounding error.
+  """
+  return _conv4x4_winograd_fwd(x, kernel)[0]
+
+
+def _conv4x4_winograd_fwd(x, kernel):
+  _, height, width, _ = x.shape
+  # Tiles of the output [H - 1, W - 1], rounded up.
+  even = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, height % 2), (0, width % 2), (0, 0)))
+  tiles = [tile.astype(x.dtype) for tile in _winograd_tiles(even)]
+  taps = _winograd_kernel(kernel).astype(kernel.dtype)
+  products = [_dot(tile, tap, ((3,), (0,))) for tile, tap in zip(tiles, taps)]
+  y = _winograd_untile(products, height - 1, width - 1).astype(x.dtype)
+  return y, (tiles, taps, x.shape)
+
+
+def _conv4x4_winograd_bwd(residuals, grad):
+  tiles, taps, x_shape = residuals
+  n, height, width, c_in = x_shape
+  c_out = grad.shape[-1]
+  _, untile_vjp = jax.vjp(lambda p: _winograd_untile(p, height - 1, width - 1),
+                          [jnp.zeros(tile.shape[:3] + (c_out,)) for tile in tiles])
+  (grad_products,) = untile_vjp(grad.astype(jnp.float32))
+  grad_products = [g.astype(grad.dtype) for g in grad_products]
+  grad_tiles = [_dot(g, tap, ((3,), (1,))) for g, tap in zip(grad_products, taps)]
+  grad_taps = jnp.stack([_dot(tile, g, ((0, 1, 2), (0, 1, 2)))
+                         for tile, g in zip(tiles, grad_products)])
+  even_shape = (n, height + height % 2, width + width % 2, c_in)
+  _, tiles_vjp = jax.vjp(_winograd_tiles, jnp.zeros(even_shape))
+  (x_grad,) = tiles_vjp(grad_tiles)
+  g = jnp.asarray(_WINOGRAD_G, jnp.float32)
+  kernel_grad = _dot(jnp.kron(g, g), grad_taps.reshape(25, c_in * c_out), ((0,), (0,)))
+  return (x_grad[:, :height, :width].astype(grad.dtype),
+          kernel_grad.reshape(4, 4, c_in, c_out).astype(taps.dtype))
+
+
+conv4x4_winograd.defvjp(_conv4x4_winograd_fwd, _conv4x4_winograd_bwd)
+
+
 def conv4x4_auto(x: Array, kernel: Array, stride: int) -> Array:
   """The same convolution in the form XLA:CPU runs fastest for the layer's shapes.
 
   Measured per layer (unet_256 and the 70x70 PatchGAN, batch 1 and 4): the
   matmul form wins where the output has at most twice as many pixels as
   channels (the encoder's inner levels, 2-8x faster at the 4x4 and 2x2 ones)
-  and on 3-channel images; `conv4x4_s2` for the other stride-2 layers; XLA's
-  convolution for the stride-1 ones.
+  and on 3-channel images; `conv4x4_s2` for the other stride-2 layers;
+  `conv4x4_winograd` for the stride-1 ones with 16 or more channels in and out
+  (the PatchGAN's widest layer: 1.6x faster forward, 1.4x input gradient, 1.6x
+  all three passes at batch 4) and XLA's convolution for the rest.
   """
+  c_in, c_out = kernel.shape[2], kernel.shape[3]
+  if stride == 1:
+    if min(c_in, c_out) >= 16:
+      return conv4x4_winograd(x, kernel)
+    return conv4x4_xla(x, kernel, stride)
   out_pixels = x.shape[0] * (x.shape[1] // stride) * (x.shape[2] // stride)
-  if stride == 2 and (out_pixels <= 2 * kernel.shape[-1] or x.shape[-1] <= 3):
+  if out_pixels <= 2 * c_out or c_in <= 3:
     return conv4x4_matmul(x, kernel, stride)
-  if stride == 2 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+  if x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
     return conv4x4_s2(x, kernel)
   return conv4x4_xla(x, kernel, stride)
 
