@@ -158,6 +158,14 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
                     discriminator=disc_state, pix2pix=pix2pix)
 
 
+def _replica_mean(tree: PyTree) -> PyTree:
+  """The mean over the pmapped replicas; on one device, the tree as it is (XLA
+  would still copy every gradient through a one-device all-reduce)."""
+  if lax.axis_size(AXIS_NAME) == 1:
+    return tree
+  return lax.pmean(tree, AXIS_NAME)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One pix2pix iteration on this replica's part of the batch (run under pmap).
@@ -202,7 +210,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
 
   (_, (disc_metrics, disc_batch_stats)), disc_grads = jax.value_and_grad(
       disc_loss_fn, has_aux=True)(disc.params)
-  disc = disc.apply_gradients(lax.pmean(disc_grads, AXIS_NAME), disc_batch_stats, p2p.disc_tx)
+  disc = disc.apply_gradients(_replica_mean(disc_grads), disc_batch_stats, p2p.disc_tx)
 
   def gen_loss_fn(fake_b):
     g_l1 = p2p.lambda_l1 * losses.l1_loss(fake_b, real_b)
@@ -215,12 +223,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
   (_, (g_gan, g_l1, disc_batch_stats)), fake_b_grad = jax.value_and_grad(
       gen_loss_fn, has_aux=True)(fake_b)
   (gen_grads,) = generator_vjp(fake_b_grad)
-  gen = gen.apply_gradients(lax.pmean(gen_grads, AXIS_NAME), gen_batch_stats, p2p.gen_tx)
+  gen = gen.apply_gradients(_replica_mean(gen_grads), gen_batch_stats, p2p.gen_tx)
   disc = disc.replace(batch_stats=disc_batch_stats)
 
   metrics = {"G_GAN": g_gan, "G_L1": g_l1, **disc_metrics,
              "learning_rate": p2p.learning_rate_fn(state.step)}
-  metrics = lax.pmean(metrics, AXIS_NAME)
+  metrics = _replica_mean(metrics)
   return state.replace(step=state.step + 1, generator=gen, discriminator=disc), metrics
 
 

@@ -165,6 +165,7 @@ def test_conv_forms_agree_in_value_and_gradients(shape, c_out, stride):
     forms["space_to_depth"] = models._space_to_depth_conv
   else:
     forms["winograd"] = models.conv4x4_winograd
+    forms["taps"] = models.conv4x4_taps
   cotangent = jnp.asarray(rng.normal(size=xla.shape).astype(np.float32))
   reference = _pullback(lambda x, k: models.conv4x4_xla(x, k, stride), x, kernel, cotangent)
   def tolerance(want):
@@ -189,11 +190,15 @@ def test_auto_forms_pick_by_shape():
   odd = jnp.zeros((1, 15, 16, 8))                         # odd sides: XLA's own convolution
   jaxpr = takes(lambda x: models.conv4x4_auto(x, jnp.zeros((4, 4, 8, 8)), 2), odd)
   assert "conv4x4_s2" not in jaxpr and "conv4x4_matmul" not in jaxpr
-  # Stride 1: Winograd once both sides have 16 channels (not for the 1-channel logits).
+  # Stride 1: Winograd once both sides have 16 channels; the 16 taps' matmul for
+  # the 1-channel logits; XLA's convolution from few channels to many.
   assert "conv4x4_winograd" in takes(
       lambda x: models.conv4x4_auto(x, jnp.zeros((4, 4, 16, 32)), 1), jnp.zeros((1, 8, 8, 16)))
   jaxpr = takes(lambda x: models.conv4x4_auto(x, jnp.zeros((4, 4, 16, 1)), 1),
                 jnp.zeros((1, 8, 8, 16)))
+  assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
+  jaxpr = takes(lambda x: models.conv4x4_auto(x, jnp.zeros((4, 4, 8, 32)), 1),
+                jnp.zeros((1, 8, 8, 8)))
   assert "conv4x4_winograd" not in jaxpr and "conv_general_dilated" in jaxpr
   # Up-convolutions: the space-to-depth form once the matmul's products pass 2**23 values.
   kernel = jax.ShapeDtypeStruct((4, 4, 8, 64), jnp.float32)
