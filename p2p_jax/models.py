@@ -258,6 +258,7 @@ def _combine(coefficients: Sequence[float], parts: Sequence[Array]) -> Array:
 def _winograd_tiles(x: Array) -> list[Array]:
   """[N, H, W, C] -> the 25 transformed input tiles B^T d B, each [N, tiles_h, tiles_w, C]."""
   _, height, width, _ = x.shape
+  # 2x2 tiles covering the output [H - 1, W - 1].
   tiles_h, tiles_w = height // 2, width // 2
   # Output tile (i, j) reads rows 2i..2i+4 and columns 2j..2j+4 of the input
   # padded by one (and by as many more zeros as the last tile needs).
@@ -308,9 +309,7 @@ def conv4x4_winograd(x: Array, kernel: Array) -> Array:
 
 def _conv4x4_winograd_fwd(x, kernel):
   _, height, width, _ = x.shape
-  # Tiles of the output [H - 1, W - 1], rounded up.
-  even = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, height % 2), (0, width % 2), (0, 0)))
-  tiles = [tile.astype(x.dtype) for tile in _winograd_tiles(even)]
+  tiles = [tile.astype(x.dtype) for tile in _winograd_tiles(x.astype(jnp.float32))]
   taps = _winograd_kernel(kernel).astype(kernel.dtype)
   products = [_dot(tile, tap, ((3,), (0,))) for tile, tap in zip(tiles, taps)]
   y = _winograd_untile(products, height - 1, width - 1).astype(x.dtype)
@@ -328,12 +327,11 @@ def _conv4x4_winograd_bwd(residuals, grad):
   grad_tiles = [_dot(g, tap, ((3,), (1,))) for g, tap in zip(grad_products, taps)]
   grad_taps = jnp.stack([_dot(tile, g, ((0, 1, 2), (0, 1, 2)))
                          for tile, g in zip(tiles, grad_products)])
-  even_shape = (n, height + height % 2, width + width % 2, c_in)
-  _, tiles_vjp = jax.vjp(_winograd_tiles, jnp.zeros(even_shape))
+  _, tiles_vjp = jax.vjp(_winograd_tiles, jnp.zeros((n, height, width, c_in)))
   (x_grad,) = tiles_vjp(grad_tiles)
   g = jnp.asarray(_WINOGRAD_G, jnp.float32)
   kernel_grad = _dot(jnp.kron(g, g), grad_taps.reshape(25, c_in * c_out), ((0,), (0,)))
-  return (x_grad[:, :height, :width].astype(grad.dtype),
+  return (x_grad.astype(grad.dtype),
           kernel_grad.reshape(4, 4, c_in, c_out).astype(taps.dtype))
 
 
