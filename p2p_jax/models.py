@@ -216,13 +216,19 @@ def _conv4x4_s2_bwd(residuals, grad):
 conv4x4_s2.defvjp(_conv4x4_s2_fwd, _conv4x4_s2_bwd)
 
 
+def _taps_matrix(kernel: Array) -> Array:
+  """[4, 4, C_in, C_out] -> [C_in, (u, v, C_out)]: every input channel times the 16 taps."""
+  c_in, c_out = kernel.shape[2], kernel.shape[3]
+  return kernel.transpose(2, 0, 1, 3).reshape(c_in, 16 * c_out)
+
+
 def conv4x4_taps(x: Array, kernel: Array) -> Array:
   """The stride-1 convolution as one matmul of every pixel with the kernel's 16
   taps and a sum of the taps' shifted products: for a few output channels (the
   PatchGAN's logits), where XLA's own kernel gradient is 5-10x slower."""
-  n, height, width, c_in = x.shape
+  n, height, width, _ = x.shape
   c_out = kernel.shape[-1]
-  taps = _dot(x, kernel.transpose(2, 0, 1, 3).reshape(c_in, 16 * c_out), ((3,), (0,)))
+  taps = _dot(x, _taps_matrix(kernel), ((3,), (0,)))
   taps = jnp.pad(taps.reshape(n, height, width, 4, 4, c_out),
                  ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
   # out[i, j] = sum_uv padded_x[i + u, j + v] @ kernel[u, v]
@@ -284,11 +290,16 @@ def _winograd_untile(products: list[Array], out_h: int, out_w: int) -> Array:
   return y[:, :out_h, :out_w]
 
 
+def _winograd_g2() -> Array:
+  """G (x) G, [25, 16]: the kernel transform G g G^T on the flattened 4x4 taps."""
+  g = jnp.asarray(_WINOGRAD_G, jnp.float32)
+  return jnp.kron(g, g)
+
+
 def _winograd_kernel(kernel: Array) -> Array:
   """[4, 4, C_in, C_out] -> G g G^T, [25, C_in, C_out]."""
-  g = jnp.asarray(_WINOGRAD_G, jnp.float32)
   c_in, c_out = kernel.shape[2], kernel.shape[3]
-  taps = _dot(jnp.kron(g, g), kernel.reshape(16, c_in * c_out), ((1,), (0,)))
+  taps = _dot(_winograd_g2(), kernel.reshape(16, c_in * c_out), ((1,), (0,)))
   return taps.reshape(25, c_in, c_out)
 
 
@@ -320,17 +331,18 @@ def _conv4x4_winograd_bwd(residuals, grad):
   tiles, taps, x_shape = residuals
   n, height, width, c_in = x_shape
   c_out = grad.shape[-1]
-  _, untile_vjp = jax.vjp(lambda p: _winograd_untile(p, height - 1, width - 1),
-                          [jnp.zeros(tile.shape[:3] + (c_out,)) for tile in tiles])
-  (grad_products,) = untile_vjp(grad.astype(jnp.float32))
+  product = jax.ShapeDtypeStruct(tiles[0].shape[:3] + (c_out,), jnp.float32)
+  untile_t = jax.linear_transpose(lambda p: _winograd_untile(p, height - 1, width - 1),
+                                  [product] * 25)
+  (grad_products,) = untile_t(grad.astype(jnp.float32))
   grad_products = [g.astype(grad.dtype) for g in grad_products]
   grad_tiles = [_dot(g, tap, ((3,), (1,))) for g, tap in zip(grad_products, taps)]
   grad_taps = jnp.stack([_dot(tile, g, ((0, 1, 2), (0, 1, 2)))
                          for tile, g in zip(tiles, grad_products)])
-  _, tiles_vjp = jax.vjp(_winograd_tiles, jnp.zeros((n, height, width, c_in)))
-  (x_grad,) = tiles_vjp(grad_tiles)
-  g = jnp.asarray(_WINOGRAD_G, jnp.float32)
-  kernel_grad = _dot(jnp.kron(g, g), grad_taps.reshape(25, c_in * c_out), ((0,), (0,)))
+  tiles_t = jax.linear_transpose(
+      _winograd_tiles, jax.ShapeDtypeStruct((n, height, width, c_in), jnp.float32))
+  (x_grad,) = tiles_t(grad_tiles)
+  kernel_grad = _dot(_winograd_g2(), grad_taps.reshape(25, c_in * c_out), ((0,), (0,)))
   return (x_grad.astype(grad.dtype),
           kernel_grad.reshape(4, 4, c_in, c_out).astype(taps.dtype))
 
@@ -494,9 +506,9 @@ def _large_windows(x: Array, c_out: int) -> bool:
 def upsample_cols(x: Array, kernel: Array) -> Array:
   """The same transposed convolution as one matmul (every pixel times the kernel's
   16 taps) and an overlap-add of the products."""
-  n, h, w, c_in = x.shape
+  n, h, w, _ = x.shape
   c_out = kernel.shape[-1]
-  cols = _dot(x, kernel.transpose(2, 0, 1, 3).reshape(c_in, 16 * c_out), ((3,), (0,)))
+  cols = _dot(x, _taps_matrix(kernel), ((3,), (0,)))
   return _overlap_add(cols.reshape(n, h, w, 4, 4, c_out)).astype(x.dtype)
 
 
@@ -546,8 +558,8 @@ def _upsample_auto_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Arr
     large = _large_windows(x, c_out)
     windows = None if large and pixels > c_in else _patches(grad, 2)   # [N, h, w, 16 * C_out]
     if pixels <= c_in:
-      # The forward pass's [C_in, 16 * C_out] kernel, read transposed: one copy of it, not two.
-      x_grad = _dot(windows, kernel.transpose(2, 0, 1, 3).reshape(c_in, 16 * c_out), ((3,), (1,)))
+      # The forward pass's `_taps_matrix`, read transposed: one copy of the kernel, not two.
+      x_grad = _dot(windows, _taps_matrix(kernel), ((3,), (1,)))
     else:
       x_grad = lax.conv_general_dilated(grad, kernel, (2, 2), ((1, 1), (1, 1)),
                                         dimension_numbers=("NHWC", "HWOI", "NHWC"))
