@@ -6,9 +6,12 @@ is an error that names it.
 
   python -m p2p_jax.main --config=configs/default.py --workdir=runs/default
   python -m p2p_jax.main --config=configs/default.py:smoke --workdir=/tmp/smoke
+  python -m p2p_jax.main --config=configs/default.py:ablation=1,loss=l1 --workdir=runs/l1
 """
 
 import ml_collections
+
+from p2p_jax import variants
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -90,21 +93,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   return config
 
 
-# The paper's ablations (Tables 1-3) as variants; `python -m p2p_jax.ablate` runs them as grids.
-_LOSSES = {   # name: (keeps the L1 term, keeps the adversarial term, D sees the input too)
-    "l1": (True, False, True),
-    "gan": (False, True, False),
-    "cgan": (False, True, True),
-    "l1+gan": (True, True, False),
-    "l1+cgan": (True, True, True),
-}
-_GENERATORS = {"unet": True, "encoder_decoder": False}   # name: skip connections
-_DISCRIMINATORS = {"1": ("pixel", None), "16": ("patch", 1), "70": ("patch", 3),
-                   "286": ("patch", 5)}   # receptive field: (disc_type, n_layers_d)
-_KNOWN = ("smoke, loss={" + "|".join(_LOSSES) + "}, generator={" + "|".join(_GENERATORS)
-          + "}, disc={" + "|".join(_DISCRIMINATORS) + "}")
-
-
 def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
   """Applies `:variant` arguments: comma-separated, in order, freely combined.
 
@@ -113,14 +101,13 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
                    whose data must be downloaded (tfds) reads the synthetic
                    stand-in of the same kind instead, so `:smoke` never needs the
                    network.
-  loss=NAME        the objectives of the paper's Table 1: l1 (lambda_gan = 0),
-                   gan (D sees the output alone, no L1), cgan (no L1), l1+gan
-                   (D sees the output alone), l1+cgan (the paper's, the default).
-                   Terms kept keep their configured weights.
-  generator=NAME   Table 2: unet, or encoder_decoder (the same net without skips).
-  disc=SIZE        Table 3, D's receptive field in pixels: 1 (PixelGAN), 16,
-                   70 (the default PatchGAN) or 286 (ImageGAN; its output is 2x2
-                   at 128x128 and nothing below 96x96).
+  ablation=TABLE   the CPU-budget base of `python -m p2p_jax.ablate --table=TABLE`:
+                   synthetic labels2facades (400 train, 100 test images), a U-Net
+                   with ngf = ndf = 32, batch 8; tables 1 and 2 at 64x64 (6 levels,
+                   3,000 steps), table 3 at 128x128 (7 levels, 2,000 steps), where
+                   the 286x286 discriminator has an output.
+  loss=NAME, generator=NAME, disc=SIZE
+                   the paper's ablations (Tables 1-3), see `p2p_jax.variants`.
 
   E.g. `--config=configs/default.py:smoke,loss=l1,disc=16`.
   """
@@ -128,21 +115,33 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     key, _, value = item.partition("=")
     if item == "smoke":
       _apply_smoke(config)
-    elif key == "loss" and value in _LOSSES:
-      keep_l1, keep_gan, conditional = _LOSSES[value]
-      if not keep_l1:
-        config.loss.lambda_l1 = 0.0
-      if not keep_gan:
-        config.loss.lambda_gan = 0.0
-      config.model.conditional_d = conditional
-    elif key == "generator" and value in _GENERATORS:
-      config.model.skip_connections = _GENERATORS[value]
-    elif key == "disc" and value in _DISCRIMINATORS:
-      config.model.disc_type, n_layers = _DISCRIMINATORS[value]
-      if n_layers is not None:
-        config.model.n_layers_d = n_layers
+    elif key == "ablation" and value in ("1", "2", "3"):
+      _apply_ablation_base(config, int(value))
+    elif variants.is_ablation(item):
+      variants.apply(config, item)
     else:
-      raise ValueError(f"Unknown config variant {item!r}; known: {_KNOWN}.")
+      raise ValueError(f"Unknown config variant {item!r}; known: smoke, ablation={{1|2|3}}, "
+                       f"{variants.KNOWN}.")
+
+
+def _apply_ablation_base(config: ml_collections.ConfigDict, table: int) -> None:
+  config.data.source = "synthetic"
+  config.data.name = "labels2facades"
+  config.data.num_train_examples = 400
+  config.data.num_eval_examples = 100
+  config.batch_size = 8
+  config.model.ngf = 32
+  config.model.ndf = 32
+  if table == 3:
+    config.data.crop_size, config.data.load_size, config.model.num_downs = 128, 144, 7
+    config.num_train_steps = 2000
+  else:
+    config.data.crop_size, config.data.load_size, config.model.num_downs = 64, 72, 6
+    config.num_train_steps = 3000
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 500
+  config.image_every_steps = 1000
+  config.eval.save_images = 8
 
 
 def _apply_smoke(config: ml_collections.ConfigDict) -> None:

@@ -9,8 +9,8 @@
 Table 1 compares objectives (L1, GAN, cGAN, L1+GAN, L1+cGAN), Table 2
 generators (encoder-decoder and U-Net, each with L1 and L1+cGAN), Table 3
 discriminator receptive fields (1x1, 16x16, 70x70, 286x286, with L1+cGAN).
-A row is the base config with one variant of `configs/default.py` (such as
-`loss=l1`), trained in WORKDIR/<row>/ with the same seed and number of steps as
+A row is the base config with one of the paper's variants (`p2p_jax.variants`,
+such as `loss=l1`), trained in WORKDIR/<row>/ with the same seed and number of steps as
 every other row by `train.train_and_evaluate`, then evaluated by
 `evaluate.evaluate`: an ordinary run, which `p2p_jax.main` can evaluate again
 or resume. A row whose final eval exists is skipped and a row cut short
@@ -30,7 +30,9 @@ row). Every table also shows L1 / PSNR / SSIM and the colour statistics of
 the paper's Figure 7 (`color_stats`; for edges -> objects, --config=configs/demo.py,
 the ones that show L1's desaturation).
 
-Budget of the default base config, built for a 2-core CPU: synthetic
+Budget of the default base config (`configs/default.py:ablation=TABLE`,
+read from the working directory when --config is not given), built for a
+2-core CPU: synthetic
 labels2facades at 64x64 (400 train and 100 test images, as facades), a
 6-level U-Net with ngf = ndf = 32, batch 8, 3,000 steps (60 epochs), the
 paper's losses, optimiser and schedule otherwise. Table 3 runs at 128x128
@@ -45,6 +47,7 @@ batch 1 (Table 2: batch 10) for 200 epochs.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import time
@@ -59,12 +62,12 @@ from absl import logging
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
-from configs import default
 from p2p_jax import checkpoints
 from p2p_jax import evaluate
 from p2p_jax import input_pipeline
 from p2p_jax import segmentation
 from p2p_jax import train
+from p2p_jax import variants
 
 _SAMPLES = 5             # test inputs shown in the figure
 _TIMING_FILE = "ablate_timing.json"
@@ -78,7 +81,7 @@ class Row:
   """One row of a table: a variant of the base config."""
   name: str                                      # its directory under the workdir
   label: str                                     # as the paper's table names it
-  variant: str                                   # a `configs/default.py` variant
+  variant: str                                   # `p2p_jax.variants`, as in `configs/default.py:`
   paper: tuple[float, float, float] | None = None   # per-pixel acc, per-class acc, class IoU
 
 
@@ -123,34 +126,11 @@ _OTHER_COLUMNS = (("l1", "L1", -1), ("psnr", "PSNR", 1), ("ssim", "SSIM", 1),
                   ("hist_intersection_b", "b hist ∩", 1), ("mean_chroma_fake", "chroma", 0))
 
 
-def base_config(table: int) -> ml_collections.ConfigDict:
-  """The CPU-budget base of `table` (see the module docstring)."""
-  config = default.get_config()
-  config.data.source = "synthetic"
-  config.data.name = "labels2facades"
-  config.data.num_train_examples = 400
-  config.data.num_eval_examples = 100
-  config.batch_size = 8
-  config.model.ngf = 32
-  config.model.ndf = 32
-  if table == 3:
-    config.data.crop_size, config.data.load_size, config.model.num_downs = 128, 144, 7
-    config.num_train_steps = 2000
-  else:
-    config.data.crop_size, config.data.load_size, config.model.num_downs = 64, 72, 6
-    config.num_train_steps = 3000
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 500
-  config.image_every_steps = 1000
-  config.eval.save_images = 8
-  return config
-
-
 def row_config(base: ml_collections.ConfigDict, row: Row, workdir: str,
                steps: int = -1) -> ml_collections.ConfigDict:
   """`base` with `row`'s variant, `steps` (if > 0) and the scores the data allows."""
   config = ml_collections.ConfigDict(base.to_dict())   # unlocked: new eval fields may be set
-  default.apply_variant(config, row.variant)
+  variants.apply(config, row.variant)
   if steps > 0:
     config.num_train_steps = steps
   config.eval.fcn_score = segmentation.has_class_maps(config)
@@ -194,13 +174,6 @@ def run_table(table: int, workdir: str, base: ml_collections.ConfigDict, *, step
 
 # ----------------------------------------------------------------------------- one row
 
-def _final_step(config: ml_collections.ConfigDict) -> int:
-  if config.num_train_steps > 0:
-    return config.num_train_steps
-  epochs = config.optim.n_epochs + config.optim.n_epochs_decay
-  return input_pipeline.steps_per_epoch(config) * epochs
-
-
 def _expected_keys(config: ml_collections.ConfigDict) -> list[str]:
   return [key for key, _, _ in _FCN_COLUMNS] if config.eval.fcn_score else ["l1"]
 
@@ -211,9 +184,11 @@ def _run_row(config: ml_collections.ConfigDict, row_dir: str, row: Row
 
   None if training stopped before the last step (a stop request).
   """
-  final = _final_step(config)
+  final = train.num_train_steps(config)
   metrics_path = os.path.join(row_dir, "eval", f"step_{final}", "metrics.json")
-  _check_same_run(config, row_dir)
+  checkpoints.check_same_run(
+      config, row_dir, fields=(), ignore=_FREE_FIELDS,
+      hint="(another --steps or --config?) Use another --workdir, or the same settings.")
   if os.path.exists(metrics_path):
     with open(metrics_path) as f:
       result = json.load(f)
@@ -242,26 +217,6 @@ def _latest_step(row_dir: str) -> int:
     return checkpointer.latest_step() or 0
   finally:
     checkpointer.close()
-
-
-def _check_same_run(config: ml_collections.ConfigDict, row_dir: str) -> None:
-  """Refuses to resume a row trained with other settings (logging and eval may differ)."""
-  if not os.path.exists(os.path.join(row_dir, checkpoints.CONFIG_FILE)):
-    return
-  saved = checkpoints.load_config(row_dir).to_dict()
-  wanted = json.loads(config.to_json())
-  for path, old, new in _differences(saved, wanted):
-    if not path.startswith(_FREE_FIELDS):
-      raise ValueError(
-          f"{row_dir} holds a run with config.{path}={old!r}, but this grid wants {new!r} "
-          "(another --steps or --config?). Use another --workdir, or the same settings.")
-
-
-def _differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    return [d for key in sorted(set(old) | set(new))
-            for d in _differences(old.get(key), new.get(key), f"{path}.{key}".lstrip("."))]
-  return [] if old == new else [(path, old, new)]
 
 
 def _add_timing(row_dir: str, steps: int, seconds: float) -> None:
@@ -338,7 +293,7 @@ def _markdown(spec: Table, rows: Sequence[Row], config: ml_collections.ConfigDic
 
 def _budget(config: ml_collections.ConfigDict, rows: Sequence[Row], workdir: str) -> str:
   data, model = config.data, config.model
-  steps = _final_step(config)
+  steps = train.num_train_steps(config)
   train_images = input_pipeline.num_examples(config, data.train_split)
   epochs = steps * config.batch_size / train_images
   timing = []
@@ -384,7 +339,7 @@ def _notes(has_fcn: bool, spec: Table) -> str:
 def _write_figure(path: str, spec: Table, rows: Sequence[Row], config: ml_collections.ConfigDict,
                   workdir: str) -> None:
   """Columns: test inputs; rows: the input, each ablation row's output, the target."""
-  step = _final_step(config)
+  step = train.num_train_steps(config)
   image_dirs = [os.path.join(workdir, row.name, "eval", f"step_{step}", "images") for row in rows]
   names = sorted(name[:-len("_real_a.png")] for name in os.listdir(image_dirs[0])
                  if name.endswith("_real_a.png"))[:_SAMPLES]
@@ -419,19 +374,33 @@ def _define_flags() -> None:
   flags.DEFINE_integer("steps", -1, "Training steps per row (default: the base config's).")
   flags.DEFINE_list("rows", None, "Only these rows (by name, e.g. l1,l1+cgan); default: all.")
   config_flags.DEFINE_config_file(
-      "config", None, "Base config file (default: the CPU-budget labels2facades base).",
-      lock_config=True)
+      "config", None, "Base config file (default: configs/default.py:ablation=TABLE, the "
+      "CPU-budget labels2facades base).", lock_config=True)
   flags.mark_flags_as_required(["table", "workdir"])
+
+
+def _default_base(table: int) -> ml_collections.ConfigDict:
+  """configs/default.py:ablation=TABLE, read from the working directory (the checkout)."""
+  path = os.path.join("configs", "default.py")
+  if not os.path.exists(path):
+    raise app.UsageError(f"No {path} here: run from the p2p_jax checkout, or pass "
+                         f"--config=PATH/TO/configs/default.py:ablation={table}.")
+  spec = importlib.util.spec_from_file_location("p2p_jax_ablation_base", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(f"ablation={table}")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  from p2p_jax import devices  # pylint: disable=g-import-not-at-top
   from p2p_jax import monitoring  # pylint: disable=g-import-not-at-top
+  devices.hide_accelerators_from_tensorflow()
   monitoring.quiet_library_logs()
   values = flags.FLAGS
   table = int(values.table)
-  base = values.config if values.config is not None else base_config(table)
+  base = values.config if values.config is not None else _default_base(table)
   path = run_table(table, values.workdir, base, steps=values.steps, rows=values.rows)
   print(f"Wrote {path}" if path else "Stopped early: run the same command again to resume.")
 

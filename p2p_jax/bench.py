@@ -5,7 +5,7 @@
   python -m p2p_jax.bench --config=configs/edges2shoes.py:smoke --mode=pipeline --steps=50
 
 `step` mode builds G and D from the config, replicates the train state over all
-local devices and times `train.pmap_train_step` (state donated, as in training)
+local devices and times `step.pmap_train_step` (state donated, as in training)
 on one fixed batch of uniform noise of the configured size. It reports compile
 time, the median step time, images/s, XLA's FLOP count of the compiled step, the
 FLOP rate that gives, and the same machine's dense float32 matmul rate measured
@@ -24,19 +24,20 @@ import statistics
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-import ml_collections
 
-flags.DEFINE_enum("mode", "step", ["step", "pipeline"],
-                  "Time the train step, or the input pipeline alone.")
-flags.DEFINE_integer("steps", 10, "Timed steps (step mode) or batches (pipeline mode).")
-flags.DEFINE_integer("warmup", 2, "Untimed steps run after compiling (step mode).")
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-flags.mark_flags_as_required(["config"])
-FLAGS = flags.FLAGS
+from p2p_jax import devices
+from p2p_jax import input_pipeline
+from p2p_jax import models
+from p2p_jax import step as step_lib
+
 
 _MATMUL_SIZE = 2048
 
@@ -61,8 +62,6 @@ def _flops(compiled: Any) -> float | None:
 
 def matmul_gflops(device: Any = None, size: int = _MATMUL_SIZE, repeats: int = 10) -> float:
   """This device's dense float32 matmul rate in GFLOP/s (median of `repeats`)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   device = device or jax.local_devices()[0]
   keys = jax.random.split(jax.random.key(0))
   lhs, rhs = (jax.device_put(jax.random.normal(k, (size, size), jnp.float32), device) for k in keys)
@@ -76,10 +75,10 @@ def matmul_gflops(device: Any = None, size: int = _MATMUL_SIZE, repeats: int = 1
   return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
-def _device_memory_mb(devices: list[Any]) -> float | None:
+def _device_memory_mb(local_devices: list[Any]) -> float | None:
   """Peak bytes in use, summed over devices, where the backend tracks it (GPU, TPU)."""
   peaks = []
-  for device in devices:
+  for device in local_devices:
     try:
       stats = device.memory_stats()
     except Exception:  # pylint: disable=broad-except  # CPU: not implemented
@@ -100,20 +99,13 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
     steps: timed steps, at least 1.
     warmup: untimed steps run after compiling.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from p2p_jax import models  # pylint: disable=g-import-not-at-top
-  from p2p_jax import train  # pylint: disable=g-import-not-at-top
-
   if steps < 1 or warmup < 0:
     raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0.")
-  devices = jax.local_devices()
-  if config.batch_size % len(devices):
-    raise ValueError(f"config.batch_size={config.batch_size} does not split over {len(devices)} "
-                     f"devices; use a multiple of {len(devices)}.")
+  local_devices = jax.local_devices()
+  devices.check_batch_divides(config.batch_size, len(local_devices))
   size = config.data.crop_size
   # A very long epoch keeps the learning rate constant: its schedule costs the same anyway.
-  state = train.create_train_state(jax.random.key(config.seed), config, steps_per_epoch=1e9)
+  state = step_lib.create_train_state(jax.random.key(config.seed), config, steps_per_epoch=1e9)
   params_generator = models.count_params(state.generator.params)
   params_discriminator = models.count_params(state.discriminator.params)
   noise = np.random.default_rng(config.seed)
@@ -121,16 +113,16 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
       "real_a": noise.uniform(-1, 1, (config.batch_size, size, size, config.model.input_nc)),
       "real_b": noise.uniform(-1, 1, (config.batch_size, size, size, config.model.output_nc)),
   }
-  batch = train.shard(jax.tree.map(lambda x: x.astype(np.float32), batch))
-  state = train.replicate(state)
+  batch = devices.shard(jax.tree.map(lambda x: x.astype(np.float32), batch))
+  state = devices.replicate(state)
   rng = jax.random.key(config.seed + 1)
 
   start = time.perf_counter()
-  step = train.pmap_train_step(donate=True).lower(state, batch, rng).compile()
+  step = step_lib.pmap_train_step(donate=True).lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - start
   # The compiled program is one replica's; every device runs it.
   per_device_flops = _flops(step)
-  flops_per_step = per_device_flops * len(devices) if per_device_flops is not None else None
+  flops_per_step = per_device_flops * len(local_devices) if per_device_flops is not None else None
 
   for _ in range(warmup):
     state, metrics = step(state, batch, rng)
@@ -147,7 +139,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
 
   median = statistics.median(times)
   gflops = flops_per_step / median / 1e9 if flops_per_step else None
-  matmul = matmul_gflops(devices[0]) * len(devices)
+  matmul = matmul_gflops(local_devices[0]) * len(local_devices)
   return {
       "mode": "step",
       "sec_per_step_median": median,
@@ -170,19 +162,18 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
       "warmup": warmup,
       "step_times": times,
       "losses": losses,
-      "devices": len(devices),
-      "device_kind": devices[0].device_kind,
+      "devices": len(local_devices),
+      "device_kind": local_devices[0].device_kind,
       "backend": jax.default_backend(),
       "jax_version": jax.__version__,
       "peak_rss_mb": _peak_rss_mb(),
-      "peak_device_memory_mb": _device_memory_mb(devices),
+      "peak_device_memory_mb": _device_memory_mb(local_devices),
       "loadavg_1m": os.getloadavg()[0],
   }
 
 
 def run_pipeline(config: ml_collections.ConfigDict, num_batches: int = 10) -> dict[str, Any]:
   """Images per second the host input pipeline delivers on its own."""
-  from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   images_per_sec = input_pipeline.pipeline_throughput(config, num_batches)
   return {
       "mode": "pipeline",
@@ -208,9 +199,23 @@ def _summary(result: dict[str, Any]) -> str:
           f"{result['images_per_sec']:.2f} images/s{rate}; compile {result['compile_s']:.1f} s")
 
 
+FLAGS = flags.FLAGS   # the flags themselves are defined by `_define_flags`, run as a program
+
+
+def _define_flags() -> None:
+  # Defined only when run as a program, so that the module imports anywhere.
+  flags.DEFINE_enum("mode", "step", ["step", "pipeline"],
+                    "Time the train step, or the input pipeline alone.")
+  flags.DEFINE_integer("steps", 10, "Timed steps (step mode) or batches (pipeline mode).")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps run after compiling (step mode).")
+  config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+  flags.mark_flags_as_required(["config"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  devices.hide_accelerators_from_tensorflow()
   if FLAGS.mode == "step":
     result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup)
   else:
@@ -220,4 +225,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

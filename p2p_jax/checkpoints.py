@@ -9,6 +9,8 @@ leaves the previous checkpoint usable.
 
 The resolved config is written to `workdir/config.json` (and `.yaml`), which
 is what eval and predict read: restoring never needs the training flags again.
+`check_same_run` compares a config with the one saved in a workdir, so that a
+run is never resumed (or an ablation row continued) under other settings.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from p2p_jax import devices
 
 PyTree = Any
 CONFIG_FILE = "config.json"
@@ -55,36 +59,36 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to resume a run whose saved architecture differs from `config`'s."""
+def config_differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+  """(dotted field, old value, new value) for every leaf in which two config dicts differ."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [d for key in sorted(set(old) | set(new))
+            for d in config_differences(old.get(key), new.get(key), f"{path}.{key}".lstrip("."))]
+  return [] if old == new else [(path, old, new)]
+
+
+MODEL_FIELDS = ("model.", "data.crop_size")   # what a checkpoint's arrays depend on
+
+
+def check_same_run(config: ml_collections.ConfigDict, workdir: str, *,
+                   fields: tuple[str, ...] = MODEL_FIELDS, ignore: tuple[str, ...] = (),
+                   hint: str = "") -> None:
+  """Refuses to resume a run in `workdir` saved under other settings than `config`'s.
+
+  Compares the saved config with `config` in the fields that start with one of
+  `fields` (empty: every field) and with none of `ignore`; raises ValueError
+  naming the first that differs, both values, and `hint` (default: pass the
+  saved value or use a new workdir). Nothing to compare without a saved config.
+  """
   if not (_path(workdir) / CONFIG_FILE).exists():
     return
-  saved = load_config(workdir)
-  for field in ("model", "data.crop_size"):
-    group, _, leaf = field.partition(".")
-    old = saved[group][leaf] if leaf else saved[group]
-    new = config[group][leaf] if leaf else config[group]
-    old = old.to_dict() if hasattr(old, "to_dict") else old
-    new = new.to_dict() if hasattr(new, "to_dict") else new
-    if isinstance(old, dict):
-      diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-      if diffs:
-        k = diffs[0]
-        raise ValueError(
-            f"{workdir} holds a run with config.{group}.{k}={old.get(k)!r}, but this config "
-            f"says {new.get(k)!r}. Use a new --workdir, or pass --config.{group}.{k}={old.get(k)!r}.")
-    elif old != new:
-      raise ValueError(f"{workdir} holds a run with config.{field}={old!r}, but this config says "
-                       f"{new!r}. Use a new --workdir, or pass --config.{field}={old!r}.")
-
-
-def _to_global(x: jax.Array) -> jax.Array:
-  """A pmap-replicated array [local_devices, ...] as one fully replicated global array."""
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replica",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  shards = sorted(x.addressable_shards, key=lambda s: s.device.id)
-  return jax.make_array_from_single_device_arrays(x.shape[1:], sharding,
-                                                  [s.data[0] for s in shards])
+  saved = load_config(workdir).to_dict()
+  for field, old, new in config_differences(saved, json.loads(config.to_json())):
+    if (fields and not field.startswith(fields)) or (ignore and field.startswith(ignore)):
+      continue
+    fix = hint or f"Use a new --workdir, or pass --config.{field}={old!r}."
+    raise ValueError(f"{workdir} holds a run with config.{field}={old!r}, but this config says "
+                     f"{new!r}. {fix}")
 
 
 class Checkpointer:
@@ -114,7 +118,7 @@ class Checkpointer:
 
   def save(self, step: int, state: PyTree) -> None:
     """Saves a pmap-replicated `state` as checkpoint `step` (in the background)."""
-    tree = jax.tree.map(_to_global, flax.serialization.to_state_dict(state))
+    tree = jax.tree.map(devices.to_global, flax.serialization.to_state_dict(state))
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)),
                        force=True)
 

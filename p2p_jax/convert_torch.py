@@ -58,7 +58,8 @@ from flax import traverse_util
 from ml_collections import config_flags
 
 from p2p_jax import checkpoints
-from p2p_jax import train
+from p2p_jax import devices
+from p2p_jax import step as step_lib
 
 _PRETRAINED_URL = "http://efrosgans.eecs.berkeley.edu/pix2pix/models-pytorch/{}.pth"
 # What each pretrained generator was trained on: (dataset, config.data.direction).
@@ -337,7 +338,7 @@ def load_generator(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
   if model_config.get("generator", "unet") != "unet":
     raise ValueError(f"config.model.generator={model_config.generator}: official weights "
                      "convert only into the U-Net; set --config.model.generator=unet.")
-  generator, _ = train.create_model(model_config, axis_name=None)
+  generator, _ = step_lib.create_model(model_config, axis_name=None)
   state, source = _read_state_dict(path_or_state_dict)
   side = 2 ** model_config.num_downs
   real_a = jax.ShapeDtypeStruct((1, side, side, model_config.input_nc), jnp.float32)
@@ -363,7 +364,7 @@ def load_discriminator(path_or_state_dict: str | os.PathLike | Mapping[str, Any]
   Raises:
     ValueError naming the first key or shape that does not fit and the fix.
   """
-  _, discriminator = train.create_model(model_config, axis_name=None)
+  _, discriminator = step_lib.create_model(model_config, axis_name=None)
   state, source = _read_state_dict(path_or_state_dict)
   pixel = model_config.disc_type == "pixel"
   side = 2 ** max(6, model_config.n_layers_d + 3)   # big enough for every stride-2 layer
@@ -423,7 +424,7 @@ def download_pretrained(name: str, cache_dir: str, *, url: str | None = None) ->
 
 
 def convert_to_workdir(config: ml_collections.ConfigDict, workdir: str, generator_weights: Any,
-                       discriminator_weights: Any | None = None) -> train.TrainState:
+                       discriminator_weights: Any | None = None) -> step_lib.TrainState:
   """Writes converted official weights into `workdir` as a step-0 checkpoint and its config.
 
   Eval, predict and training (as fine-tuning) then run on `workdir` as on any
@@ -434,21 +435,21 @@ def convert_to_workdir(config: ml_collections.ConfigDict, workdir: str, generato
     if checkpointer.latest_step() is not None:
       raise FileExistsError(f"{workdir} already holds checkpoints ({checkpointer.all_steps()}); "
                             "convert into a new --workdir.")
-    state = train.create_train_state(jax.random.key(config.seed), config, steps_per_epoch=1)
+    state = step_lib.create_train_state(jax.random.key(config.seed), config, steps_per_epoch=1)
     _, gen_vars = load_generator(generator_weights, config.model)
     state = state.replace(generator=state.generator.replace(
         params=gen_vars["params"], batch_stats=gen_vars["batch_stats"],
-        opt_state=state.pix2pix.gen_tx.init(gen_vars["params"])))
+        opt_state=state.settings.gen_tx.init(gen_vars["params"])))
     if discriminator_weights is None:
       logging.warning("No discriminator weights given: D is initialised fresh (N(0, 0.02)).")
     else:
       _, disc_vars = load_discriminator(discriminator_weights, config.model)
       state = state.replace(discriminator=state.discriminator.replace(
           params=disc_vars["params"], batch_stats=disc_vars["batch_stats"],
-          opt_state=state.pix2pix.disc_tx.init(disc_vars["params"])))
+          opt_state=state.settings.disc_tx.init(disc_vars["params"])))
     if jax.process_index() == 0:
       checkpoints.save_config(config, workdir)
-    checkpointer.save(0, train.replicate(state))
+    checkpointer.save(0, devices.replicate(state))
   finally:
     checkpointer.close()
   return state

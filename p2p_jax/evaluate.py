@@ -33,16 +33,18 @@ from jax.experimental import multihost_utils
 
 from p2p_jax import checkpoints
 from p2p_jax import color_stats
+from p2p_jax import devices
 from p2p_jax import images
 from p2p_jax import input_pipeline
 from p2p_jax import metrics as metrics_lib
 from p2p_jax import segmentation
-from p2p_jax import train
+from p2p_jax import step as step_lib
 
 _METRICS = ("l1", "psnr", "ssim")
 
 
-def test_mode(deterministic: bool) -> str:
+def describe_test_mode(deterministic: bool) -> str:
+  """One line saying how the generator runs at test time, for logs and metrics.json."""
   if deterministic:
     return "deterministic: running BatchNorm statistics, dropout off (official --eval)"
   return "paper: each image normalised with its own BatchNorm statistics, dropout on"
@@ -52,9 +54,9 @@ def test_mode(deterministic: bool) -> str:
 def pmapped_translate(deterministic: bool):
   """(state, real_a, real_b, rngs) -> (fake_b, per-image metrics), pmapped over local devices."""
   def translate(state, real_a, real_b, rng):
-    fake_b = train.eval_step(state, real_a, rng, deterministic=deterministic)
+    fake_b = step_lib.eval_step(state, real_a, rng, deterministic=deterministic)
     return fake_b, metrics_lib.image_metrics(fake_b, real_b)
-  return jax.pmap(translate, axis_name=train.AXIS_NAME)
+  return jax.pmap(translate, axis_name=devices.AXIS_NAME)
 
 
 def _pad_to(array: np.ndarray, size: int) -> np.ndarray:
@@ -64,7 +66,7 @@ def _pad_to(array: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([array, pad])
 
 
-def translate_split(replicated_state: train.TrainState, config: ml_collections.ConfigDict,
+def translate_split(replicated_state: step_lib.TrainState, config: ml_collections.ConfigDict,
                     split: str, *, deterministic: bool, seed: int = 0
                     ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]]:
   """Yields (batch, fake_b, per-image metrics) over this process's part of `split`.
@@ -73,19 +75,19 @@ def translate_split(replicated_state: train.TrainState, config: ml_collections.C
   is [B, H, W, C_out] in [-1, 1] on the host.
   """
   translate = pmapped_translate(deterministic)
-  devices = jax.local_device_count()
+  count = jax.local_device_count()
   for index, batch in enumerate(input_pipeline.create_eval_iterator(config, split)):
     size = batch["real_a"].shape[0]
-    padded = -(-size // devices) * devices
-    sharded = train.shard({k: _pad_to(batch[k], padded) for k in ("real_a", "real_b")})
-    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), index), devices)
+    padded = -(-size // count) * count
+    sharded = devices.shard({k: _pad_to(batch[k], padded) for k in ("real_a", "real_b")})
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), index), count)
     fake_b, scores = translate(replicated_state, sharded["real_a"], sharded["real_b"], keys)
     fake_b = np.asarray(fake_b).reshape((padded,) + fake_b.shape[2:])[:size]
     scores = {k: np.asarray(v).reshape(-1)[:size] for k, v in scores.items()}
     yield batch, fake_b, scores
 
 
-def evaluate_split(replicated_state: train.TrainState, config: ml_collections.ConfigDict,
+def evaluate_split(replicated_state: step_lib.TrainState, config: ml_collections.ConfigDict,
                    split: str, *, deterministic: bool, out_dir: str | None = None,
                    max_images: int = -1, save_images: int = 0,
                    extra_scores: Sequence[Any] = ()) -> dict[str, Any]:
@@ -134,7 +136,7 @@ def evaluate_split(replicated_state: train.TrainState, config: ml_collections.Co
   for score in extra_scores:
     result.update(score.result())
   result.update(num_images=num_images, split=split, deterministic=deterministic,
-                test_mode=test_mode(deterministic))
+                test_mode=describe_test_mode(deterministic))
   if out_dir and jax.process_index() == 0:
     images.write_index_html(os.path.join(out_dir, "index.html"),
                             f"{os.path.basename(out_dir)}: {split}", saved_names, result)
@@ -142,9 +144,9 @@ def evaluate_split(replicated_state: train.TrainState, config: ml_collections.Co
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | None = None
-                  ) -> train.TrainState:
+                  ) -> step_lib.TrainState:
   """The unreplicated TrainState of `workdir`'s checkpoint `step` (default: the latest)."""
-  template = train.create_train_state(jax.random.key(0), config, steps_per_epoch=1)
+  template = step_lib.create_train_state(jax.random.key(0), config, steps_per_epoch=1)
   checkpointer = checkpoints.Checkpointer(workdir, read_only=True)
   try:
     return checkpointer.restore(template, step)
@@ -169,9 +171,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state = restore_state(config, workdir, step)
   step = int(state.step)
   logging.info("Evaluating step %d of %s on %d device(s), %s.", step, workdir,
-               jax.device_count(), test_mode(config.eval.deterministic))
+               jax.device_count(), describe_test_mode(config.eval.deterministic))
   out_dir = os.path.join(workdir, "eval", f"step_{step}")
-  result = evaluate_split(train.replicate(state), config, config.data.eval_split,
+  result = evaluate_split(devices.replicate(state), config, config.data.eval_split,
                           deterministic=config.eval.deterministic, out_dir=out_dir,
                           max_images=config.eval.num_images, save_images=config.eval.save_images,
                           extra_scores=_extra_scores(config, workdir))
@@ -193,7 +195,7 @@ def _extra_scores(config: ml_collections.ConfigDict, workdir: str) -> list[Any]:
   return scores
 
 
-def translate_images(state: train.TrainState, real_a: jax.Array, rng: jax.Array, *,
+def translate_images(state: step_lib.TrainState, real_a: jax.Array, rng: jax.Array, *,
                      deterministic: bool) -> jax.Array:
   """Translates one batch [B, H, W, C] on the default device (any H, W the net accepts)."""
   return _jit_translate(deterministic)(state, jnp.asarray(real_a), rng)
@@ -201,4 +203,4 @@ def translate_images(state: train.TrainState, real_a: jax.Array, rng: jax.Array,
 
 @functools.lru_cache(maxsize=None)
 def _jit_translate(deterministic: bool):
-  return jax.jit(functools.partial(train.eval_step, deterministic=deterministic))
+  return jax.jit(functools.partial(step_lib.eval_step, deterministic=deterministic))

@@ -12,21 +12,20 @@ numpy release the GIL), one example per task. Doing it in Python rather than in
 TF ops keeps every failure a plain `DataError` naming the file, never a deep
 TensorFlow traceback, and makes a bad file skippable (`data.skip_bad_images`).
 
-Order and the per-host split (synthetic and folder sources): epoch e visits the
-examples in the permutation `np.random.default_rng((seed, e))`, cut into global
-batches of `config.batch_size`; process p of P takes the p-th contiguous slice
-of each global batch. So P processes together see, step for step, exactly the
-global batch one process with all the devices would see, and no example twice
-in an epoch. The examples left over after the last full global batch (fewer
-than config.batch_size) are dropped; the permutation changes every epoch, so a
-different remainder is dropped each time. Crop offsets and flips are drawn from
-`np.random.default_rng((seed, e, index, 1))`: a pure function of the example and
-the epoch, so a run resumed at `start_step` sees what an unbroken run saw.
-
-The tfds source is a stream, not random access: process p reads every P-th
-record (`Dataset.shard`), shuffled per epoch with a seeded buffer of
-`data.shuffle_buffer` examples, each host taking steps_per_epoch local batches.
-It is reproducible and resumable the same way, but its batches depend on P.
+Order and the per-host split are each source's own (`Source.epoch_items`):
+synthetic and folder sources visit epoch e in the permutation
+`np.random.default_rng((seed, e))`, cut into global batches of
+`config.batch_size`, process p of P taking the p-th contiguous slice of each;
+so P processes together see, step for step, exactly the global batch one
+process with all the devices would see, and no example twice in an epoch. The
+examples left over after the last full global batch (fewer than
+config.batch_size) are dropped; the permutation changes every epoch, so a
+different remainder is dropped each time. The tfds source is a stream: process
+p reads every P-th record, shuffled per epoch in a seeded buffer; reproducible
+and resumable the same way, but its batches depend on P. Crop offsets and
+flips are drawn from `np.random.default_rng((seed, e, index, 1))`: a pure
+function of the example and the epoch, so a run resumed at `start_step` sees
+what an unbroken run saw.
 """
 
 from __future__ import annotations
@@ -44,23 +43,11 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
-from p2p_jax.datasets import DataError
+from p2p_jax import devices
 from p2p_jax.datasets import sources
+from p2p_jax.datasets.errors import DataError
 from p2p_jax.datasets.preprocess import Preprocess
-
-
-def _hide_accelerators_from_tf() -> None:
-  # TF only reads data here; if it saw the GPUs it would reserve their memory for itself.
-  for kind in ("GPU", "TPU"):
-    try:
-      tf.config.set_visible_devices([], kind)
-    except (RuntimeError, ValueError):   # TF already initialised, or no such device type
-      pass
-
-
-_hide_accelerators_from_tf()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +66,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, start_step: int 
   Yields {'real_a': [local_devices, per_device_batch, H, W, input_nc],
   'real_b': [local_devices, per_device_batch, H, W, output_nc]}, float32 in
   [-1, 1], sharded over `jax.local_devices()` on the mesh axis 'batch' (as
-  `train.shard`), `config.data.prefetch_to_device` batches ahead. The n-th
+  `devices.shard`), `config.data.prefetch_to_device` batches ahead. The n-th
   batch is global step `start_step + n`. `process_index`/`process_count`
   default to JAX's.
   """
@@ -109,14 +96,10 @@ def create_eval_iterator(config: ml_collections.ConfigDict, split: str | None = 
   batch_size = config.eval.batch_size
   if batch_size <= 0:
     raise ValueError(f"config.eval.batch_size={batch_size} must be positive.")
-  part = math.ceil(len(source) / process_count)
-  num_batches = math.ceil(part / batch_size)
-  if isinstance(source, sources.TfdsSource):
-    stream = source.stream(process_index, process_count)
-  else:
-    first = min(len(source), process_index * part)
-    stream = ((index, None) for index in range(first, min(len(source), first + part)))
-  specs = (_Spec(items=list(itertools.islice(stream, batch_size)), epoch=0,
+  # Every process makes as many batches as the largest part needs (padded).
+  num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
+  items = source.epoch_items(None, process_index, process_count)
+  specs = (_Spec(items=list(itertools.islice(items, batch_size)), epoch=0,
                  last=n == num_batches - 1) for n in range(num_batches))
 
   def work(spec, item):
@@ -186,33 +169,22 @@ def _train_host_batches(config: ml_collections.ConfigDict, start_step: int,
     real_a, real_b = prep.train(example.where, example.image_a, example.image_b, rng)
     return example, real_a, real_b
 
-  specs = _train_specs(source, plan, config, start_step, steps)
+  specs = _train_specs(source, plan, start_step, steps)
   assemble = _TrainAssembler(config)
   return (assemble(spec, rows) for spec, rows in
           _run_parallel(specs, work, plan.local_batch))
 
 
-def _train_specs(source, plan: _HostPlan, config: ml_collections.ConfigDict, start_step: int,
-                 steps: int) -> Iterator[_Spec]:
+def _train_specs(source: sources.Source, plan: _HostPlan, start_step: int, steps: int
+                 ) -> Iterator[_Spec]:
   """This process's rows of global steps start_step, start_step + 1, ... (forever)."""
   epoch, first_step = divmod(start_step, steps)
-  local = plan.local_batch
-  offset = plan.process_index * local
   while True:
-    if isinstance(source, sources.TfdsSource):
-      shuffle_seed = int(np.random.default_rng((config.seed, epoch)).integers(2 ** 31))
-      stream = source.stream(plan.process_index, plan.process_count, shuffle_seed=shuffle_seed,
-                             shuffle_buffer=config.data.shuffle_buffer,
-                             skip=first_step * local, take=steps * local)
-      batches = (list(itertools.islice(stream, local)) for _ in range(first_step, steps))
-    else:
-      order = np.random.default_rng((config.seed, epoch)).permutation(len(source))
-      starts = range(first_step * plan.global_batch + offset, steps * plan.global_batch,
-                     plan.global_batch)
-      batches = ([(int(index), None) for index in order[start:start + local]]
-                 for start in starts)
-    for step, items in zip(range(first_step, steps), batches):
-      yield _Spec(items=items, epoch=epoch, last=step == steps - 1)
+    items = source.epoch_items(epoch, plan.process_index, plan.process_count,
+                               batch_size=plan.global_batch, skip_batches=first_step)
+    for step in range(first_step, steps):
+      yield _Spec(items=list(itertools.islice(items, plan.local_batch)), epoch=epoch,
+                  last=step == steps - 1)
     epoch, first_step = epoch + 1, 0
 
 
@@ -339,13 +311,12 @@ def _check_same_size(size: tuple[int, int] | None, example: sources.Example, ima
 
 def _prefetch_to_devices(batches: Iterator[dict[str, np.ndarray]], size: int
                          ) -> Iterator[dict[str, jax.Array]]:
-  """`batches` sharded over the local devices by `train.shard`, `size` batches ahead."""
-  from p2p_jax import train   # here, not at the top: the training loop imports this module
+  """`batches` sharded over the local devices by `devices.shard`, `size` batches ahead."""
   queue = collections.deque()
 
   def enqueue(count):
     for batch in itertools.islice(batches, count):
-      queue.append(train.shard(batch))   # device_put is asynchronous: copies overlap the step
+      queue.append(devices.shard(batch))   # device_put is asynchronous: copies overlap the step
 
   enqueue(max(1, size))
   while queue:
@@ -364,16 +335,12 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 def _host_plan(config: ml_collections.ConfigDict, process_index: int, process_count: int
                ) -> _HostPlan:
   local_devices = jax.local_device_count()
-  devices = local_devices * process_count
-  batch_size = config.batch_size
-  if batch_size <= 0 or batch_size % devices:
-    raise ValueError(
-        f"config.batch_size={batch_size} does not split evenly over {devices} devices "
-        f"({process_count} process(es) x {local_devices} local devices): it is the global "
-        f"batch, so use a multiple of {devices}, e.g. "
-        f"--config.batch_size={devices * max(1, batch_size // devices)}.")
+  devices.check_batch_divides(
+      config.batch_size, local_devices * process_count,
+      f"{process_count} process(es) x {local_devices} local devices")
   return _HostPlan(process_index=process_index, process_count=process_count,
-                   global_batch=batch_size, local_batch=batch_size // process_count)
+                   global_batch=config.batch_size,
+                   local_batch=config.batch_size // process_count)
 
 
 def _num_workers() -> int:

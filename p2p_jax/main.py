@@ -4,7 +4,7 @@
   python -m p2p_jax.main --config=configs/edges2shoes.py --workdir=runs/shoes --mode=eval
 
 Kept short on purpose: it parses flags, sets up the (optional) multi-process
-runtime and hands over to `train.train_and_evaluate` or `evaluate.evaluate`.
+runtime, keeps TensorFlow (which only reads data) off the accelerators and hands over to `train.train_and_evaluate` or `evaluate.evaluate`.
 """
 
 import os
@@ -36,9 +36,11 @@ def main(argv):
   elif FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
     raise app.UsageError("--coordinator_address, --num_processes and --process_id need "
                          "--distributed (or P2P_JAX_DISTRIBUTED=1).")
+  from p2p_jax import devices  # pylint: disable=g-import-not-at-top
   from p2p_jax import evaluate  # pylint: disable=g-import-not-at-top
   from p2p_jax import monitoring  # pylint: disable=g-import-not-at-top
   from p2p_jax import train  # pylint: disable=g-import-not-at-top
+  devices.hide_accelerators_from_tensorflow()
   monitoring.quiet_library_logs()
 
   logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),

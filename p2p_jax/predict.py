@@ -29,20 +29,10 @@ from p2p_jax import checkpoints
 from p2p_jax import evaluate
 from p2p_jax import images
 from p2p_jax import monitoring
-from p2p_jax.datasets import DataError
+from p2p_jax.datasets.errors import DataError
 from p2p_jax.datasets import folder
 from p2p_jax.datasets import preprocess
 
-flags.DEFINE_string("workdir", None, "A run directory (config.json and checkpoints/).")
-flags.DEFINE_string("input", None, "An image file, or a folder of images (searched recursively).")
-flags.DEFINE_string("output", None, "Output PNG file (for one input file) or folder.")
-flags.DEFINE_integer("step", -1, "Checkpoint step to use (-1: the latest).")
-flags.DEFINE_enum("fit", "resize", ["resize", "pad"], "How images are made to fit the U-Net.")
-flags.DEFINE_bool("deterministic", False,
-                  "Running BatchNorm statistics and no dropout (default: the paper's test mode).")
-flags.DEFINE_bool("paired", False, "Inputs are A|B files: use the half config.data.direction names.")
-flags.DEFINE_integer("seed", 0, "Seed of the dropout noise.")
-FLAGS = flags.FLAGS
 
 
 def _input_files(path: str) -> list[tuple[str, str]]:
@@ -106,6 +96,23 @@ def _output_path(output: str, name: str, single: bool) -> str:
   return os.path.join(output, os.path.splitext(name)[0] + ".png")
 
 
+FLAGS = flags.FLAGS   # the flags themselves are defined by `_define_flags`, run as a program
+
+
+def _define_flags() -> None:
+  # Defined only when run as a program, so that the module imports anywhere.
+  flags.DEFINE_string("workdir", None, "A run directory (config.json and checkpoints/).")
+  flags.DEFINE_string("input", None, "An image file, or a folder of images (searched recursively).")
+  flags.DEFINE_string("output", None, "Output PNG file (for one input file) or folder.")
+  flags.DEFINE_integer("step", -1, "Checkpoint step to use (-1: the latest).")
+  flags.DEFINE_enum("fit", "resize", ["resize", "pad"], "How images are made to fit the U-Net.")
+  flags.DEFINE_bool("deterministic", False,
+                    "Running BatchNorm statistics and no dropout (default: the paper's test mode).")
+  flags.DEFINE_bool("paired", False, "Inputs are A|B files: use the half config.data.direction names.")
+  flags.DEFINE_integer("seed", 0, "Seed of the dropout noise.")
+  flags.mark_flags_as_required(["workdir", "input", "output"])
+
+
 def main(argv):
   del argv
   monitoring.quiet_library_logs()
@@ -131,5 +138,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "input", "output"])
+  _define_flags()
   app.run(main)

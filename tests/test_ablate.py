@@ -55,11 +55,11 @@ def test_every_table_row_is_a_known_variant():
 
 
 def test_a_discriminator_with_no_output_is_refused_up_front(tmp_path):
-  base = ablate.base_config(1)                  # 64x64: too small for the 286x286 ImageGAN
+  base = default.get_config("ablation=1")       # 64x64: too small for the 286x286 ImageGAN
   row = ablate.TABLES[3].rows[-1]
   with pytest.raises(ValueError, match=r"'d286'.*no output for 64x64.*at least 96x96"):
     ablate.row_config(base, row, str(tmp_path))
-  config = ablate.row_config(ablate.base_config(3), row, str(tmp_path))
+  config = ablate.row_config(default.get_config("ablation=3"), row, str(tmp_path))
   assert config.data.crop_size == 128 and config.model.n_layers_d == 5
   assert config.eval.fcn_score
 
@@ -125,5 +125,5 @@ def test_two_rows_stop_resume_write_the_table_and_skip_when_done(tmp_path, monke
   assert os.path.exists(md_path)
 
   # Another budget in the same workdir is refused, not mixed in.
-  with pytest.raises(ValueError, match="num_train_steps=4, but this grid wants 6"):
+  with pytest.raises(ValueError, match=r"num_train_steps=4, but this config says 6.*another --steps"):
     ablate.run_table(1, workdir, _smoke_base(), steps=6, rows=rows)

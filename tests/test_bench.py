@@ -57,7 +57,7 @@ def test_forms_of_the_layers_count_the_same_parameters():
 def test_a_batch_that_does_not_split_over_the_devices_is_refused():
   config = _smoke_config()
   config.batch_size = 6
-  with pytest.raises(ValueError, match="batch_size=6 does not split over 8 devices"):
+  with pytest.raises(ValueError, match="batch_size=6 does not split evenly over 8 device"):
     bench.run(config, steps=1)
 
 

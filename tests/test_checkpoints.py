@@ -8,14 +8,15 @@ import pytest
 
 from configs import default
 from p2p_jax import checkpoints
-from p2p_jax import train
+from p2p_jax import devices
+from p2p_jax import step as step_lib
 
 
 @pytest.fixture(scope="module")
 def state():
   config = default.get_config("smoke")
   config.model.update(ngf=4, ndf=4)
-  return config, train.create_train_state(jax.random.key(0), config, steps_per_epoch=10)
+  return config, step_lib.create_train_state(jax.random.key(0), config, steps_per_epoch=10)
 
 
 def _leaves(state):
@@ -27,8 +28,8 @@ def test_round_trip_is_exact_and_any_step_restores(state, tmp_path):
   checkpointer = checkpoints.Checkpointer(str(tmp_path), keep=None)
   later = initial.replace(step=initial.step + 7, generator=initial.generator.replace(
       params=jax.tree.map(lambda p: p + 1.0, initial.generator.params)))
-  checkpointer.save(3, train.replicate(initial))
-  checkpointer.save(7, train.replicate(later))
+  checkpointer.save(3, devices.replicate(initial))
+  checkpointer.save(7, devices.replicate(later))
   checkpointer.wait_until_finished()
   assert checkpointer.all_steps() == [3, 7]
   for a, b in zip(_leaves(checkpointer.restore(initial)), _leaves(later)):
@@ -43,7 +44,7 @@ def test_round_trip_is_exact_and_any_step_restores(state, tmp_path):
 def test_an_unfinished_save_leaves_the_previous_checkpoint_usable(state, tmp_path):
   _, initial = state
   checkpointer = checkpoints.Checkpointer(str(tmp_path))
-  checkpointer.save(2, train.replicate(initial))
+  checkpointer.save(2, devices.replicate(initial))
   checkpointer.close()
   # What a kill in the middle of writing step 4 leaves behind: a temporary directory.
   partial = os.path.join(checkpointer.directory, "4.orbax-checkpoint-tmp-1234")
@@ -53,7 +54,7 @@ def test_an_unfinished_save_leaves_the_previous_checkpoint_usable(state, tmp_pat
   reopened = checkpoints.Checkpointer(str(tmp_path))
   assert reopened.latest_step() == 2
   assert int(reopened.restore(initial).step) == int(initial.step)
-  reopened.save(4, train.replicate(initial))       # and the step can be written again
+  reopened.save(4, devices.replicate(initial))       # and the step can be written again
   reopened.wait_until_finished()
   assert reopened.all_steps() == [2, 4]
   reopened.close()
@@ -65,11 +66,11 @@ def test_config_round_trip_and_model_mismatch_message(state, tmp_path):
   loaded = checkpoints.load_config(str(tmp_path))
   assert loaded.to_dict() == config.to_dict()
   assert os.path.exists(tmp_path / "config.yaml")
-  checkpoints.check_same_model(config, str(tmp_path))            # same model: fine
+  checkpoints.check_same_run(config, str(tmp_path))            # same model: fine
   other = default.get_config("smoke")
   other.model.update(ngf=16, ndf=4)
   with pytest.raises(ValueError, match=r"config.model.ngf=4.*--config.model.ngf=4"):
-    checkpoints.check_same_model(other, str(tmp_path))
+    checkpoints.check_same_run(other, str(tmp_path))
 
 
 def test_missing_run_is_explained(tmp_path):

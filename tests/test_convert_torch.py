@@ -17,15 +17,15 @@ from p2p_jax import checkpoints
 from p2p_jax import convert_torch
 from p2p_jax import evaluate
 from p2p_jax import models
-from p2p_jax import train
-
-from tests.shared_files import shared_path
+from p2p_jax import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Official-format weights and their PyTorch outputs (tests/data/fidelity/README.md).
+FIDELITY = os.path.join(ROOT, "tests", "data", "fidelity")
 
 
 def _fidelity(name):
-  return shared_path("fidelity", name)
+  return os.path.join(FIDELITY, name)
 
 
 def _g_pth():
@@ -34,6 +34,7 @@ def _g_pth():
 
 def _d_pth():
   return _fidelity("unet256_ngf8_net_D.pth")
+
 
 TOLERANCE = 1e-5
 _MOMENTUM = 0.1   # PyTorch's BatchNorm momentum, which ours follows
@@ -108,7 +109,7 @@ def test_full_size_official_keys_fill_every_variable():
   with open(_fidelity("official_keys_full.json")) as f:
     key_lists = json.load(f)
   config = _model_config()        # unet_256, basic D, ngf = ndf = 64, BatchNorm
-  gen_module, disc_module = train.create_model(config, axis_name=None)
+  gen_module, disc_module = step_lib.create_model(config, axis_name=None)
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
   image = jnp.zeros((1, 256, 256, 3))
   expected_shapes = {
@@ -354,7 +355,7 @@ def test_command_line_conversion_gives_a_run_that_eval_and_predict_use(vectors, 
   assert config.model.ngf == 8 and config.data.direction == "BtoA"
   state = evaluate.restore_state(config, str(workdir))
   assert int(state.step) == 0
-  generator = state.pix2pix.generator.clone(bn_axis_name=None)
+  generator = state.settings.generator.clone(bn_axis_name=None)
   fake_b, _ = generator.apply(state.generator.variables(), vectors["real_a"],
                               deterministic=True, mutable=["batch_stats"])
   assert _max_error(fake_b, vectors["g_train_nodropout"]) < TOLERANCE

@@ -61,10 +61,10 @@ def test_train_batches_are_sharded_floats_in_range():
 def test_batch_size_must_split_over_the_devices():
   config = default.get_config("smoke")
   config.batch_size = 12
-  with pytest.raises(ValueError, match=r"batch_size=12 does not split evenly over 8 devices"):
+  with pytest.raises(ValueError, match=r"batch_size=12 does not split evenly over 8 device"):
     input_pipeline.create_train_iterator(config)
   config.batch_size = 8
-  with pytest.raises(ValueError, match=r"over 16 devices \(2 process\(es\) x 8 local"):
+  with pytest.raises(ValueError, match=r"over 16 device\(s\) \(2 process\(es\) x 8 local"):
     input_pipeline.create_train_iterator(config, process_index=0, process_count=2)
   config.batch_size = 64
   with pytest.raises(ValueError, match="has 32 examples, fewer than one global batch"):

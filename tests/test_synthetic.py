@@ -157,9 +157,9 @@ def test_facade_photo_depicts_the_classes_in_colours_that_vary_per_example():
 
 
 def test_unknown_names_and_bad_arguments_raise_clear_errors():
-  with pytest.raises(ValueError, match=r"'edges2shoes'.*edges2objects, labels2facades"):
+  with pytest.raises(ValueError, match=r"synthetic task='edges2shoes'.*'edges2objects', 'labels2facades'"):
     synthetic.render_pair("edges2shoes", 0)
-  with pytest.raises(ValueError, match=r"'training'.*train, val, test"):
+  with pytest.raises(ValueError, match=r"synthetic split='training'.*'train', 'val', 'test'"):
     synthetic.render_pair("edges2objects", 0, split="training")
   with pytest.raises(ValueError, match="'edges2shoes'"):
     synthetic.num_classes("edges2shoes")

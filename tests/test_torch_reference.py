@@ -1,15 +1,27 @@
 """One p2p_jax step computes what one step of the PyTorch reference computes.
 
-`shared/bench/torch_ref_step.py` is an independent PyTorch implementation of the
+`tests/torch_reference.py` is an independent PyTorch implementation of the
 official pix2pix iteration (numerically equal to the authors' code). Both start
-from the same weights and batch: the losses, D's Adam update, D's BatchNorm
-statistics and G's gradient (taken against the updated D) must agree.
+from the same weights and batch; the losses, D's gradient and its Adam update,
+D's BatchNorm statistics and G's gradient (taken against the updated D) must agree.
+
+What is compared, and how closely. The two sides sum the same products in other
+orders (and `auto` runs the PatchGAN's stride-1 layer by Winograd, whose float32
+error is about twice a direct convolution's), so each value differs by float32
+rounding: for a sum of K terms about sqrt(K) * 6e-8 of its scale, under 1e-5 at
+K = 16 * 512. The bounds are 10x that, and a real difference (a wrong tap, a
+missing term, a swapped statistic) is of order 1.
+- Losses and gradients, relative to their own size (a gradient as a whole, as
+  the norm of the difference over its norm: single entries can be sums that
+  nearly cancel).
+- D's weights after Adam only where the gradient is not tiny. Adam's first step
+  moves each weight by lr * g / (|g| + eps), about lr * sign(g) whatever |g| is,
+  so a gradient entry within rounding of zero can take either sign on two correct
+  implementations and move the weight by lr either way: those entries are only
+  held to a move of at most lr.
 """
 
 import dataclasses
-import functools
-import importlib.util
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,20 +30,13 @@ import optax
 import torch
 
 from configs import default
-from p2p_jax import train
+from p2p_jax import devices
+from p2p_jax import step as step_lib
 
-from tests.shared_files import shared_path
+from tests import torch_reference
 
-
-@functools.cache
-def _reference():
-  """shared/bench/torch_ref_step.py, imported when a test first needs it."""
-  spec = importlib.util.spec_from_file_location(
-      "torch_ref_step", shared_path("bench", "torch_ref_step.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+ROUNDING_BOUND = 1e-4   # relative: 10x float32's rounding in these sums (see above)
+LEARNING_RATE = 2e-4
 
 NUM_DOWNS, SIDE, BATCH = 5, 32, 2
 
@@ -77,8 +82,16 @@ def _relative_error(ours, theirs):
   return np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
 
 
+def _adam_keeping_gradients(adam):
+  """Adam whose state also holds the last gradient, so the test reads both."""
+  return optax.GradientTransformation(
+      init=lambda params: (adam.init(params), jax.tree.map(jnp.zeros_like, params)),
+      update=lambda grads, state, params=None: (
+          lambda out: (out[0], (out[1], grads)))(adam.update(grads, state[0], params)))
+
+
 def test_one_step_equals_the_pytorch_reference_step():
-  reference = _reference().Pix2PixStep(image_size=SIDE, num_downs=NUM_DOWNS, seed=0)
+  reference = torch_reference.Pix2PixStep(image_size=SIDE, num_downs=NUM_DOWNS, seed=0)
   reference.G.dropout = 0.0                      # the one random part, off on both sides
   (gen_params, gen_stats), (disc_params, disc_stats), conv, conv_transpose = (
       _reference_variables(reference))
@@ -86,49 +99,60 @@ def test_one_step_equals_the_pytorch_reference_step():
   config = default.get_config("smoke")
   config.model.update(ngf=64, ndf=64, dropout_rate=0.0, num_downs=NUM_DOWNS)
   config.data.crop_size = SIDE
-  state = train.create_train_state(jax.random.key(0), config, steps_per_epoch=10)
+  state = step_lib.create_train_state(jax.random.key(0), config, steps_per_epoch=10)
   for ours, theirs in ((state.generator.params, gen_params),
                        (state.discriminator.params, disc_params)):
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
-  # D gets the real Adam; G's "optimiser" records its gradient, to compare before Adam.
-  adam = optax.adam(2e-4, b1=0.5, b2=0.999, eps=1e-8)
+  # D gets the real Adam (keeping its gradient); G's "optimiser" records its
+  # gradient, to compare before Adam.
+  disc_tx = _adam_keeping_gradients(optax.adam(LEARNING_RATE, b1=0.5, b2=0.999, eps=1e-8))
   recorder = optax.GradientTransformation(
       init=lambda params: jax.tree.map(jnp.zeros_like, params),
       update=lambda grads, s, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
   state = state.replace(
-      pix2pix=dataclasses.replace(state.pix2pix, gen_tx=recorder, disc_tx=adam),
-      generator=train.NetState(gen_params, gen_stats, recorder.init(gen_params)),
-      discriminator=train.NetState(disc_params, disc_stats, adam.init(disc_params)))
+      settings=dataclasses.replace(state.settings, gen_tx=recorder, disc_tx=disc_tx),
+      generator=step_lib.NetState(gen_params, gen_stats, recorder.init(gen_params)),
+      discriminator=step_lib.NetState(disc_params, disc_stats, disc_tx.init(disc_params)))
 
-  real_a, real_b = _reference().random_batch(BATCH, SIDE)
+  real_a, real_b = torch_reference.random_batch(BATCH, SIDE)
   reference.step(real_a, real_b)
   batch = {"real_a": _numpy(real_a).transpose(0, 2, 3, 1),
            "real_b": _numpy(real_b).transpose(0, 2, 3, 1)}
-  devices = jax.local_devices()[:1]
-  step = train.pmap_train_step(donate=False, devices=devices)
-  new_state, metrics = step(train.replicate(state, devices), train.shard(batch, devices),
-                            jax.random.key(0))
-  new_state, metrics = train.unreplicate(new_state), train.unreplicate(metrics)
+  one_device = jax.local_devices()[:1]
+  step = step_lib.pmap_train_step(donate=False, local_devices=one_device)
+  new_state, metrics = step(devices.replicate(state, one_device),
+                            devices.shard(batch, one_device), jax.random.key(0))
+  new_state, metrics = devices.unreplicate(new_state), devices.unreplicate(metrics)
 
   theirs = {name: float(value) for name, value in reference.losses.items()}
   assert abs(0.5 * (metrics["D_real"] + metrics["D_fake"]) - theirs["D"]) < 1e-5
-  assert abs(metrics["G_GAN"] - theirs["G_GAN"]) < 1e-4 * abs(theirs["G_GAN"])
-  assert abs(metrics["G_L1"] - theirs["G_L1"]) < 1e-5 * abs(theirs["G_L1"])
+  assert abs(metrics["G_GAN"] - theirs["G_GAN"]) < ROUNDING_BOUND * abs(theirs["G_GAN"])
+  assert abs(metrics["G_L1"] - theirs["G_L1"]) < 1e-5 * abs(theirs["G_L1"])   # one sum, no D
 
+  disc_grads = new_state.discriminator.opt_state[1]
+  covered = 0
   for index, module in enumerate([reference.D.c1, reference.D.c2, reference.D.c3,
                                   reference.D.c4, reference.D.c5]):
-    updated = new_state.discriminator.params[f"conv_{index}"]["kernel"]
-    # Adam's first step moves each weight by about lr; round-off may flip the sign of a
-    # vanishing gradient, so the bound is a small fraction of 2 * lr.
-    assert np.abs(updated - conv(module.weight)).max() < 2e-4, index
+    name = f"conv_{index}"
+    grad, want_grad = disc_grads[name]["kernel"], conv(module.weight.grad)
+    assert _relative_error(grad, want_grad) < ROUNDING_BOUND, name
+    before = disc_params[name]["kernel"]
+    updated, want = new_state.discriminator.params[name]["kernel"], conv(module.weight)
+    # Where |g| is well above its rounding, both sides move by lr * sign(g), to rounding.
+    clear = np.abs(want_grad) > 1e-3 * np.abs(want_grad).max()
+    assert np.abs(updated - want)[clear].max() < 1e-3 * LEARNING_RATE, name
+    assert np.abs(updated - before).max() < LEARNING_RATE * (1 + 1e-3), name
+    covered += clear.sum() / clear.size
+  assert covered / 5 > 0.9                     # the clear entries are nearly all of them
   for (name, stats), module in zip(sorted(new_state.discriminator.batch_stats.items()),
                                    (reference.D.n2, reference.D.n3, reference.D.n4)):
-    assert _relative_error(stats["mean"], _numpy(module.running_mean)) < 1e-4, name
-    assert _relative_error(stats["var"], _numpy(module.running_var)) < 1e-4, name
+    assert _relative_error(stats["mean"], _numpy(module.running_mean)) < ROUNDING_BOUND, name
+    assert _relative_error(stats["var"], _numpy(module.running_var)) < ROUNDING_BOUND, name
 
   gen_grads = new_state.generator.opt_state
   for level, module in enumerate(reference.G.down_convs):
-    assert _relative_error(gen_grads[f"down_{level}"]["kernel"], conv(module.weight.grad)) < 1e-4
+    assert _relative_error(gen_grads[f"down_{level}"]["kernel"],
+                           conv(module.weight.grad)) < ROUNDING_BOUND, level
   for j, module in enumerate(reference.G.up_convs):
     grad = gen_grads[f"up_{NUM_DOWNS - 1 - j}"]["kernel"]
-    assert _relative_error(grad, conv_transpose(module.weight.grad)) < 1e-4
+    assert _relative_error(grad, conv_transpose(module.weight.grad)) < ROUNDING_BOUND, j

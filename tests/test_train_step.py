@@ -11,7 +11,8 @@ import pytest
 
 from configs import default
 from p2p_jax import losses
-from p2p_jax import train
+from p2p_jax import devices
+from p2p_jax import step as step_lib
 
 
 def _small_config(**model):
@@ -36,19 +37,19 @@ def _gradient_recorder() -> optax.GradientTransformation:
 
 def _with_recorders(state):
   recorder = _gradient_recorder()
-  pix2pix = dataclasses.replace(state.pix2pix, gen_tx=recorder, disc_tx=recorder)
+  settings = dataclasses.replace(state.settings, gen_tx=recorder, disc_tx=recorder)
   return state.replace(
-      pix2pix=pix2pix,
+      settings=settings,
       generator=state.generator.replace(opt_state=recorder.init(state.generator.params)),
       discriminator=state.discriminator.replace(
           opt_state=recorder.init(state.discriminator.params)))
 
 
-def _run_step(state, batch, devices, rng):
-  step = train.pmap_train_step(donate=False, devices=devices)
-  replicated = train.replicate(state, devices)
-  new_state, metrics = step(replicated, train.shard(batch, devices), rng)
-  return train.unreplicate(new_state), train.unreplicate(metrics)
+def _run_step(state, batch, local_devices, rng):
+  step = step_lib.pmap_train_step(donate=False, local_devices=local_devices)
+  replicated = devices.replicate(state, local_devices)
+  new_state, metrics = step(replicated, devices.shard(batch, local_devices), rng)
+  return devices.unreplicate(new_state), devices.unreplicate(metrics)
 
 
 def _relative_error(a, b):
@@ -58,7 +59,7 @@ def _relative_error(a, b):
 
 def test_eight_devices_equal_one_device_with_synchronised_batch_norm():
   config = _small_config(dropout_rate=0.0)
-  state = _with_recorders(train.create_train_state(jax.random.key(0), config, 10))
+  state = _with_recorders(step_lib.create_train_state(jax.random.key(0), config, 10))
   batch, rng = _batch(), jax.random.key(3)
   on_eight, metrics_eight = _run_step(state, batch, jax.local_devices()[:8], rng)
   on_one, metrics_one = _run_step(state, batch, jax.local_devices()[:1], rng)
@@ -82,7 +83,7 @@ def test_per_replica_batch_norm_differs_from_synchronised():
   results = []
   for sync in (True, False):
     config = _small_config(dropout_rate=0.0, sync_batch_norm=sync)
-    state = _with_recorders(train.create_train_state(jax.random.key(0), config, 10))
+    state = _with_recorders(step_lib.create_train_state(jax.random.key(0), config, 10))
     updated, _ = _run_step(state, batch, jax.local_devices()[:8], rng)
     results.append(updated.generator.opt_state["down_1"]["kernel"])   # G's gradient
   assert _relative_error(results[0], results[1]) > 1e-2
@@ -91,10 +92,10 @@ def test_per_replica_batch_norm_differs_from_synchronised():
 def test_small_networks_overfit_one_batch():
   config = _small_config(ngf=16)
   config.optim.learning_rate = 2e-3
-  state = train.replicate(train.create_train_state(jax.random.key(0), config, 1000))
-  step = train.pmap_train_step()
+  state = devices.replicate(step_lib.create_train_state(jax.random.key(0), config, 1000))
+  step = step_lib.pmap_train_step()
   real_a = _batch()["real_a"]
-  batch = train.shard({"real_a": real_a, "real_b": -real_a})
+  batch = devices.shard({"real_a": real_a, "real_b": -real_a})
   history = []
   for i in range(80):
     state, metrics = step(state, batch, jax.random.key(i))
@@ -106,29 +107,29 @@ def test_small_networks_overfit_one_batch():
 def test_lambda_gan_zero_is_exactly_the_l1_only_update():
   config = _small_config(dropout_rate=0.0)
   config.loss.lambda_gan = 0.0
-  state = _with_recorders(train.create_train_state(jax.random.key(0), config, 10))
-  batch, devices, rng = _batch(), jax.local_devices()[:8], jax.random.key(3)
-  updated, metrics = _run_step(state, batch, devices, rng)
+  state = _with_recorders(step_lib.create_train_state(jax.random.key(0), config, 10))
+  batch, eight, rng = _batch(), jax.local_devices()[:8], jax.random.key(3)
+  updated, metrics = _run_step(state, batch, eight, rng)
 
   # D's weights have no say in G's update...
   other_disc = state.discriminator.replace(
       params=jax.tree.map(lambda p: p + 0.5, state.discriminator.params))
-  with_other_disc, _ = _run_step(state.replace(discriminator=other_disc), batch, devices, rng)
+  with_other_disc, _ = _run_step(state.replace(discriminator=other_disc), batch, eight, rng)
   for a, b in zip(jax.tree.leaves(updated.generator.opt_state),
                   jax.tree.leaves(with_other_disc.generator.opt_state)):
     np.testing.assert_array_equal(a, b)
 
   # ... and G's gradient is that of lambda_l1 * L1 alone.
-  generator = state.pix2pix.generator
+  generator = state.settings.generator
   def l1_only(params, batch_stats, real_a, real_b):
     fake_b, _ = generator.apply({"params": params, "batch_stats": batch_stats}, real_a,
                                 mutable=["batch_stats"])
     return config.loss.lambda_l1 * losses.l1_loss(fake_b, real_b)
   def grad_fn(params, batch_stats, batch):
     grads = jax.grad(l1_only)(params, batch_stats, batch["real_a"], batch["real_b"])
-    return jax.lax.pmean(grads, train.AXIS_NAME)
-  expected = jax.pmap(grad_fn, axis_name=train.AXIS_NAME, in_axes=(None, None, 0))(
-      state.generator.params, state.generator.batch_stats, train.shard(batch, devices))
+    return jax.lax.pmean(grads, devices.AXIS_NAME)
+  expected = jax.pmap(grad_fn, axis_name=devices.AXIS_NAME, in_axes=(None, None, 0))(
+      state.generator.params, state.generator.batch_stats, devices.shard(batch, eight))
   for got, want in zip(jax.tree.leaves(updated.generator.opt_state), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, np.asarray(want)[0], rtol=1e-5, atol=1e-8)
   assert metrics["G_GAN"] == 0.0
@@ -136,16 +137,16 @@ def test_lambda_gan_zero_is_exactly_the_l1_only_update():
 
 def test_step_compiles_once(caplog):
   config = _small_config()
-  state = train.replicate(train.create_train_state(jax.random.key(0), config, 10))
-  step = train.pmap_train_step()
-  batch = train.shard(_batch())
+  state = devices.replicate(step_lib.create_train_state(jax.random.key(0), config, 10))
+  step = step_lib.pmap_train_step()
+  batch = devices.shard(_batch())
   state, _ = step(state, batch, jax.random.key(0))        # compiles here
   with jax.log_compiles(True), caplog.at_level(logging.WARNING):
     for i in range(1, 4):
-      state, metrics = step(state, train.shard(_batch(seed=i)), jax.random.key(i))
+      state, metrics = step(state, devices.shard(_batch(seed=i)), jax.random.key(i))
     jax.block_until_ready(metrics)
   assert not [r for r in caplog.records if "train_step" in r.getMessage()]
-  assert int(train.unreplicate(state).step) == 4
+  assert int(devices.unreplicate(state).step) == 4
 
 
 def test_dropout_differs_per_replica_and_per_step():
@@ -153,25 +154,25 @@ def test_dropout_differs_per_replica_and_per_step():
   8-replica gradient equal the 1-replica one; different masks make it differ."""
   config = _small_config(num_downs=6, sync_batch_norm=False)
   config.data.crop_size = 64
-  state = _with_recorders(train.create_train_state(jax.random.key(0), config, 10))
+  state = _with_recorders(step_lib.create_train_state(jax.random.key(0), config, 10))
   one = _batch(size=1, side=64)
   copies = {k: np.repeat(v, 8, axis=0) for k, v in one.items()}
   rng = jax.random.key(3)
-  def grad_of(state, batch, devices):
-    return _run_step(state, batch, devices, rng)[0].generator.opt_state["down_1"]["kernel"]
+  def grad_of(state, batch, local_devices):
+    return _run_step(state, batch, local_devices, rng)[0].generator.opt_state["down_1"]["kernel"]
   single = grad_of(state, one, jax.local_devices()[:1])
   assert _relative_error(grad_of(state, copies, jax.local_devices()[:8]), single) > 1e-3
   assert _relative_error(grad_of(state.replace(step=jnp.ones((), jnp.int32)), one,
                                  jax.local_devices()[:1]), single) > 1e-3
   quiet = _small_config(num_downs=6, sync_batch_norm=False, dropout_rate=0.0)
   quiet.data.crop_size = 64
-  state = _with_recorders(train.create_train_state(jax.random.key(0), quiet, 10))
+  state = _with_recorders(step_lib.create_train_state(jax.random.key(0), quiet, 10))
   assert _relative_error(grad_of(state, copies, jax.local_devices()[:8]),
                          grad_of(state, one, jax.local_devices()[:1])) < 1e-5
 
 
 def test_learning_rate_schedule_is_the_official_linear_decay():
-  lr = train.create_learning_rate_fn(2e-4, steps_per_epoch=10, n_epochs=3, n_epochs_decay=2)
+  lr = step_lib.create_learning_rate_fn(2e-4, steps_per_epoch=10, n_epochs=3, n_epochs_decay=2)
   def factor(epoch):                    # PIX2PIX_FACTS: 1 - max(0, t + 1 - n) / (n_decay + 1)
     return 1 - max(0, epoch + 1 - 3) / (2 + 1)
   for step in (0, 9, 10, 29, 30, 39, 40, 49):

@@ -1,27 +1,13 @@
-"""Sources of paired images: synthetic tasks, image folders, and TFDS.
+"""Where paired images come from, before the input pipeline batches them.
 
-Each source yields pairs of uint8 [H, W, 3] images (A and B); cropping,
-flipping, batching and the per-host split live in `p2p_jax.input_pipeline`.
+  errors        DataError, raised for any bad input with the file it concerns
+  sources       the three sources behind one interface (synthetic, folder, tfds)
+  synthetic     the embedded synthetic tasks, rendered on the fly (numpy only)
+  folder        image folders in the official A|B or the A/ B/ layout
+  pix2pix_tfds  the `pix2pix` TensorFlow Datasets builder (importing it registers it)
+  preprocess    the paper's jitter and resizing, on one example
 """
 
-from __future__ import annotations
+from p2p_jax.datasets.errors import DataError
 
-
-class DataError(ValueError):
-  """One bad input (an image file, a folder, a split): the path and what is wrong with it.
-
-  Raised with a plain message instead of whatever the decoder threw, so that a
-  user sees which file to fix or remove, e.g.
-  `DataError: data/facades/train/12.jpg: corrupt or truncated image (...)`.
-  """
-
-  def __init__(self, path: str, reason: str):
-    super().__init__(f"{path}: {reason}")
-    self.path = str(path)
-    self.reason = reason
-
-  def __reduce__(self):   # picklable, so it crosses process and thread boundaries intact
-    return type(self), (self.path, self.reason)
-
-
-from p2p_jax.datasets import pix2pix_tfds  # noqa: E402,F401  (registers the TFDS builder "pix2pix")
+__all__ = ["DataError"]

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from PIL import UnidentifiedImageError
 
-from p2p_jax.datasets import DataError
+from p2p_jax.datasets.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")

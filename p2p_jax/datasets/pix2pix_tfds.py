@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from p2p_jax.datasets import DataError
+from p2p_jax.datasets.errors import DataError
 from p2p_jax.datasets import folder
 
 if TYPE_CHECKING:

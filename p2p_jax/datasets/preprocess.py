@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from p2p_jax.datasets import DataError
+from p2p_jax.datasets.errors import DataError
 
 MODES = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
 _CROP_MODES = ("resize_and_crop", "crop", "scale_width_and_crop")

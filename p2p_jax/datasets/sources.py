@@ -1,15 +1,26 @@
 """The three sources of paired examples, behind one small interface.
 
-A source is opened for one split and knows its length. `SyntheticSource` and
-`FolderSource` are random access: `load(index)` returns the `Example` at that
-place in the split, so the input pipeline can visit any order and split it over
-hosts exactly. `TfdsSource` is a tf.data stream: `stream(...)` yields
-(index in the split, Example) for one host's records.
+A source is opened for one split and knows its length; `epoch_items` yields
+this process's examples of one pass over it, as (index in the split, Example
+or None), and `load(index)` gives the Example of an index that came as None.
+Each source decides how a pass is ordered and split over processes:
+
+- `SyntheticSource` and `FolderSource` are random access. A training epoch
+  visits the split in the permutation `np.random.default_rng((seed, epoch))`,
+  cut into global batches; process p of P takes the p-th contiguous slice of
+  each. The items come without their images (None): the pipeline's workers
+  load them in parallel.
+- `TfdsSource` is a tf.data stream: process p reads every P-th record,
+  shuffled per epoch in a seeded buffer, and yields decoded Examples.
+
+An evaluation pass (`epoch=None`) is in order: random-access sources give
+process p the p-th contiguous part of the split, tfds every P-th record.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Iterator
 
@@ -17,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from p2p_jax.datasets import DataError
+from p2p_jax.datasets.errors import DataError
 from p2p_jax.datasets import folder
 
 SOURCES = ("synthetic", "folder", "tfds")
@@ -34,7 +45,41 @@ class Example:
   labels: np.ndarray | None = None
 
 
-class SyntheticSource:
+Item = tuple[int, "Example | None"]   # (index in the split, the example or None: load it)
+
+
+class _RandomAccessSource:
+  """A source with `load(index)`: passes are orders of indices, loaded by the pipeline."""
+  _seed: int
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def load(self, index: int) -> Example:
+    raise NotImplementedError
+
+  def epoch_items(self, epoch: int | None, process_index: int, process_count: int, *,
+                  batch_size: int = 1, skip_batches: int = 0) -> Iterator[Item]:
+    """This process's (index, None) items of training `epoch`, or of an evaluation pass.
+
+    Training: the seeded permutation of the epoch, cut into global batches of
+    `batch_size` (the remainder dropped), `skip_batches` of them skipped; this
+    process's contiguous batch_size / process_count slice of each.
+    Evaluation (`epoch=None`): the p-th contiguous part of the split, in order.
+    """
+    if epoch is None:
+      part = math.ceil(len(self) / process_count)
+      first = min(len(self), process_index * part)
+      yield from ((index, None) for index in range(first, min(len(self), first + part)))
+      return
+    order = np.random.default_rng((self._seed, epoch)).permutation(len(self))
+    local = batch_size // process_count
+    end = len(self) // batch_size * batch_size
+    for start in range(skip_batches * batch_size + process_index * local, end, batch_size):
+      yield from ((int(index), None) for index in order[start:start + local])
+
+
+class SyntheticSource(_RandomAccessSource):
   """Random access to a synthetic task, rendered at crop_size x crop_size."""
 
   def __init__(self, config: ml_collections.ConfigDict, split: str):
@@ -63,11 +108,12 @@ class SyntheticSource:
                    labels=pair.get("labels"))
 
 
-class FolderSource:
+class FolderSource(_RandomAccessSource):
   """Random access to the pairs of one split of an image folder."""
   has_labels = False
 
   def __init__(self, config: ml_collections.ConfigDict, split: str):
+    self._seed = config.seed
     self._pairs, unpaired = folder.list_pairs(config.data.dir, split)
     if unpaired and not config.data.skip_bad_images:
       more = f" ({len(unpaired) - 1} more unpaired images)" if len(unpaired) > 1 else ""
@@ -93,8 +139,11 @@ class TfdsSource:
   _sizes: dict[tuple[str, str, str], int] = {}   # counting a split can take a full pass
 
   def __init__(self, config: ml_collections.ConfigDict, split: str):
+    from p2p_jax import devices
+    devices.hide_accelerators_from_tensorflow()   # before TensorFlow's first use
     import tensorflow as tf
     from p2p_jax.datasets import pix2pix_tfds   # loads TFDS only when this source is used
+    self._seed, self._shuffle_buffer = config.seed, config.data.shuffle_buffer
     self._key = (config.data.name, split, config.data.tfds_data_dir)
     self._where = f"tfds pix2pix/{config.data.name}, split {split!r}"
     try:
@@ -111,6 +160,28 @@ class TfdsSource:
         count = int(self._dataset.reduce(np.int64(0), lambda total, _: total + 1))
       self._sizes[self._key] = count
     return self._sizes[self._key]
+
+  def load(self, index: int) -> Example:
+    raise TypeError("A tfds source is a stream: its items come with their examples.")
+
+  def epoch_items(self, epoch: int | None, process_index: int, process_count: int, *,
+                  batch_size: int = 1, skip_batches: int = 0) -> Iterator[Item]:
+    """This process's (index, Example) items of training `epoch`, or of an evaluation pass.
+
+    Training: every P-th record from the p-th, shuffled in a buffer of
+    data.shuffle_buffer with a seed fixed by (seed, epoch), as many as
+    len // batch_size local batches of batch_size / process_count take, the
+    first `skip_batches` of them skipped. Evaluation (`epoch=None`): every P-th
+    record, in order.
+    """
+    if epoch is None:
+      yield from self.stream(process_index, process_count)
+      return
+    local = batch_size // process_count
+    shuffle_seed = int(np.random.default_rng((self._seed, epoch)).integers(2 ** 31))
+    yield from self.stream(process_index, process_count, shuffle_seed=shuffle_seed,
+                           shuffle_buffer=self._shuffle_buffer, skip=skip_batches * local,
+                           take=len(self) // batch_size * local)
 
   def stream(self, process_index: int, process_count: int, *, shuffle_seed: int | None = None,
              shuffle_buffer: int = 1, skip: int = 0, take: int = -1
@@ -138,8 +209,10 @@ class TfdsSource:
       raise DataError(self._where, _first_line(error.message)) from None
 
 
-def open_source(config: ml_collections.ConfigDict, split: str
-                ) -> SyntheticSource | FolderSource | TfdsSource:
+Source = SyntheticSource | FolderSource | TfdsSource
+
+
+def open_source(config: ml_collections.ConfigDict, split: str) -> Source:
   """The configured source (`config.data.source`) for `split`; raises if it cannot be read."""
   sources = {"synthetic": SyntheticSource, "folder": FolderSource, "tfds": TfdsSource}
   if config.data.source not in sources:

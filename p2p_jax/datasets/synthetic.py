@@ -33,6 +33,8 @@ import operator
 
 import numpy as np
 
+from p2p_jax.validation import check_choice
+
 TASKS = ("edges2objects", "labels2facades")
 SPLITS = ("train", "val", "test")
 
@@ -56,7 +58,7 @@ _INK_DARKNESS = 0.92   # a full-strength line is 255 * (1 - 0.92) = 20 on a whit
 
 def num_classes(task: str) -> int:
   """Classes in the 'labels' feature of `task`: 8 for labels2facades, 0 for edges2objects."""
-  _check_choice("task", task, TASKS)
+  check_choice("synthetic task", task, TASKS)
   return len(FACADE_CLASSES) if task == "labels2facades" else 0
 
 
@@ -69,8 +71,8 @@ def render_pair(task: str, index: int, *, split: str = "train", seed: int = 0,
   labels2facades also 'labels': uint8 [size, size] class ids in
   [0, num_classes(task)), with image_a == FACADE_PALETTE[labels].
   """
-  _check_choice("task", task, TASKS)
-  _check_choice("split", split, SPLITS)
+  check_choice("synthetic task", task, TASKS)
+  check_choice("synthetic split", split, SPLITS)
   index, seed, size = operator.index(index), operator.index(seed), operator.index(size)
   if index < 0 or seed < 0:
     raise ValueError(f"Synthetic index and seed must be >= 0, got index={index}, seed={seed}.")
@@ -96,11 +98,6 @@ def _keep_freed_memory_for_reuse() -> None:
 
 
 _keep_freed_memory_for_reuse()
-
-
-def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(f"Unknown synthetic {what} {value!r}; choose one of {', '.join(choices)}.")
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:

@@ -1,0 +1,60 @@
+"""The one place that picks a form for a layer, from the layer's shapes.
+
+Every rule here was measured on XLA:CPU, layer by layer, for unet_256 and the
+70x70 PatchGAN at batch 1 and 4 (README, Speed). The forms compute the same
+function to float rounding, so a rule changes only speed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+Shape = Sequence[int]
+
+# Forms of the 4x4, padding-1 convolution (`p2p_jax.ops.conv`).
+CONV_FORMS = ("xla", "matmul", "s2", "taps", "winograd")
+# Forms of the 4x4, stride-2, padding-1 transposed convolution under `auto`
+# (`p2p_jax.ops.conv_transpose`).
+CONV_TRANSPOSE_FORMS = ("kernel_major", "space_to_depth", "cols")
+
+
+def conv_form(x_shape: Shape, kernel_shape: Shape, stride: int) -> str:
+  """The form `auto` runs for a convolution of an [N, H, W, C_in] input.
+
+  Stride 1: `taps` below 16 output channels (the PatchGAN's logits: 5x faster
+  with both gradients), `winograd` with 16 or more in and out (its widest
+  layer: 1.6x faster over the three passes at batch 4), XLA's otherwise.
+  Stride 2: `matmul` where the output has at most twice as many pixels as
+  channels (the encoder's inner levels, 2-8x faster at the 4x4 and 2x2 ones)
+  and on 3-channel images, `s2` on even sides elsewhere, XLA's on odd sides.
+  """
+  n, height, width = x_shape[0], x_shape[1], x_shape[2]
+  c_in, c_out = kernel_shape[2], kernel_shape[3]
+  if stride == 1:
+    if c_out < 16:
+      return "taps"
+    return "winograd" if c_in >= 16 else "xla"
+  out_pixels = n * (height // stride) * (width // stride)
+  if out_pixels <= 2 * c_out or c_in <= 3:
+    return "matmul"
+  if height % 2 == 0 and width % 2 == 0:
+    return "s2"
+  return "xla"
+
+
+def conv_transpose_form(x_shape: Shape, c_out: int) -> str:
+  """The form `auto` runs for a transposed convolution of an [N, H, W, C_in] input.
+
+  `kernel_major` once the output channels outnumber twice the input pixels
+  (unet_256 at batch 1: the 4 innermost levels), where matmuls batched over the
+  16 taps read the large kernel in place. `space_to_depth` where the `cols`
+  form's [pixels, 16 * C_out] products pass 2**23 values (unet_256 at batch 4,
+  the 64 px level: up to 2x faster; never the 3-channel outermost layer).
+  `cols` (one matmul and an overlap-add) everywhere else.
+  """
+  pixels = x_shape[0] * x_shape[1] * x_shape[2]
+  if c_out > 2 * pixels:
+    return "kernel_major"
+  if c_out > 16 and pixels * 16 * c_out > 2 ** 23:
+    return "space_to_depth"
+  return "cols"

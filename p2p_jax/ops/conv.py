@@ -1,0 +1,128 @@
+"""Forms of Conv2d(kernel 4, padding 1) on NHWC images, and `auto`, which picks one per layer.
+
+Each form takes x [N, H, W, C_in] and a kernel [4, 4, C_in, C_out] (HWIO) and
+returns [N, H', W', C_out] (H' = H / 2 at stride 2, H - 1 at stride 1); all
+compute the same function to float rounding and accumulate in float32.
+
+  xla       XLA's convolution and XLA's autodiff of it.
+  matmul    one matmul of the input's 4x4 windows with the kernel; gradients
+            as matmuls too (reads a large kernel in place).
+  s2        stride 2: XLA's forward pass and kernel gradient, the input
+            gradient of the space-to-depth form (a stride-1 convolution).
+  taps      stride 1, few output channels: one matmul with the 16 taps and a
+            sum of shifted products.
+  winograd  stride 1: Winograd's F(2x2, 4x4) (`p2p_jax.ops.winograd`).
+
+`choose.conv_form` holds the rule `auto` follows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from p2p_jax.ops import choose
+from p2p_jax.ops import space_to_depth
+from p2p_jax.ops import windows
+from p2p_jax.ops.winograd import conv4x4_winograd
+from p2p_jax.validation import check_choice
+
+Array = jax.Array
+
+IMPLS = ("auto", "xla")   # config.model.conv_impl
+
+
+def conv4x4_xla(x: Array, kernel: Array, stride: int) -> Array:
+  """Conv2d(kernel 4, padding 1) as XLA writes it and differentiates it."""
+  return lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
+                                  dimension_numbers=windows.NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv4x4_matmul(x: Array, kernel: Array, stride: int) -> Array:
+  """The same convolution as one matmul of the input's 4x4 windows with the
+  kernel, and gradients that are matmuls too. Where a layer has a few pixels and
+  a large kernel (near the U-Net's bottleneck) this reads the kernel in place,
+  which XLA:CPU's convolutions do not."""
+  return _conv4x4_matmul_fwd(x, kernel, stride)[0]
+
+
+def _conv4x4_matmul_fwd(x, kernel, stride):
+  x_windows = windows.patches(x, stride)
+  c_in, c_out = kernel.shape[2], kernel.shape[3]
+  y = windows.dot(x_windows, kernel.reshape(16 * c_in, c_out), ((3,), (0,)))
+  return y.astype(x.dtype), (x_windows, kernel, x.shape)
+
+
+def _conv4x4_matmul_bwd(stride, residuals, grad):
+  x_windows, kernel, x_shape = residuals
+  c_in, c_out = kernel.shape[2], kernel.shape[3]
+  flat_kernel = kernel.reshape(16 * c_in, c_out)
+  x_grad = windows.unpatch(windows.dot(grad, flat_kernel, ((3,), (1,))), x_shape, stride)
+  kernel_grad = windows.dot(x_windows.reshape(-1, 16 * c_in), grad.reshape(-1, c_out), ((0,), (0,)))
+  return x_grad.astype(kernel.dtype), kernel_grad.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv4x4_matmul.defvjp(_conv4x4_matmul_fwd, _conv4x4_matmul_bwd)
+
+
+@jax.custom_vjp
+def conv4x4_s2(x: Array, kernel: Array) -> Array:
+  """The stride-2 convolution, XLA's forward pass and kernel gradient, and the
+  input gradient of its space-to-depth form: a stride-1 convolution, where
+  XLA's own input gradient of a stride-2 convolution is a dilated one, 2-3x
+  slower at batch 4 on the 128 and 64 px layers (and no faster elsewhere)."""
+  return conv4x4_xla(x, kernel, 2)
+
+
+def _conv4x4_s2_fwd(x, kernel):
+  return conv4x4_xla(x, kernel, 2), (x, kernel)
+
+
+def _conv4x4_s2_bwd(residuals, grad):
+  x, kernel = residuals
+  x_grad = space_to_depth.upsample_space_to_depth(grad, jnp.swapaxes(kernel, 2, 3))
+  _, kernel_vjp = jax.vjp(lambda kernel: conv4x4_xla(x, kernel, 2), kernel)
+  (kernel_grad,) = kernel_vjp(grad)
+  return x_grad, kernel_grad
+
+
+conv4x4_s2.defvjp(_conv4x4_s2_fwd, _conv4x4_s2_bwd)
+
+
+def conv4x4_taps(x: Array, kernel: Array) -> Array:
+  """The stride-1 convolution as one matmul of every pixel with the kernel's 16
+  taps and a sum of the taps' shifted products: for a few output channels (the
+  PatchGAN's logits), where XLA's own kernel gradient is 5-10x slower."""
+  n, height, width, _ = x.shape
+  c_out = kernel.shape[-1]
+  taps = windows.dot(x, windows.taps_matrix(kernel), ((3,), (0,)))
+  taps = jnp.pad(taps.reshape(n, height, width, 4, 4, c_out),
+                 ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+  # out[i, j] = sum_uv padded_x[i + u, j + v] @ kernel[u, v]
+  y = sum(taps[:, u:u + height - 1, v:v + width - 1, u, v] for u in range(4) for v in range(4))
+  return y.astype(x.dtype)
+
+
+def _winograd(x: Array, kernel: Array, stride: int) -> Array:
+  del stride   # stride 1 only
+  return conv4x4_winograd(x, kernel)
+
+
+_FORMS = {"xla": conv4x4_xla, "matmul": conv4x4_matmul,
+          "s2": lambda x, kernel, stride: conv4x4_s2(x, kernel),
+          "taps": lambda x, kernel, stride: conv4x4_taps(x, kernel), "winograd": _winograd}
+
+
+def conv4x4_auto(x: Array, kernel: Array, stride: int) -> Array:
+  """The same convolution in the form `choose.conv_form` picks for the layer's shapes."""
+  return _FORMS[choose.conv_form(x.shape, kernel.shape, stride)](x, kernel, stride)
+
+
+def conv4x4(x: Array, kernel: Array, stride: int, impl: str = "auto") -> Array:
+  """Conv2d(kernel 4, padding 1, `stride`) as `impl` (`IMPLS`) computes it."""
+  check_choice("conv_impl", impl, IMPLS)
+  return (conv4x4_auto if impl == "auto" else conv4x4_xla)(x, kernel, stride)

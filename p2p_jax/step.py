@@ -1,0 +1,255 @@
+"""The pix2pix step: both networks, their train state, and one compiled update.
+
+Reads top to bottom: `create_model` builds G and D from the config,
+`create_train_state` initialises both with their optimisers in one pytree,
+`train_step` is the whole pix2pix iteration (one G forward, a D update, a G
+update against the updated D) as one pure function run under `jax.pmap`
+(`pmap_train_step`), and `eval_step` translates a batch at test time. The
+training loop (`train`), evaluation, the benchmark and the weight converter
+build on these; this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax import lax
+
+from p2p_jax import devices
+from p2p_jax import losses
+from p2p_jax import models
+
+AXIS_NAME = devices.AXIS_NAME
+PyTree = Any
+
+
+def create_model(model_config: ml_collections.ConfigDict, *, axis_name: str | None = AXIS_NAME
+                 ) -> tuple[models.UNetGenerator, models.PatchDiscriminator]:
+  """Builds the generator and discriminator that `model_config` describes.
+
+  BatchNorm statistics are averaged over `axis_name` when
+  `model_config.sync_batch_norm` is set (the default), so that the step
+  normalises the global batch the same way on any number of devices.
+  """
+  if model_config.disc_type not in ("patch", "pixel"):
+    raise ValueError(f"model.disc_type={model_config.disc_type!r} is not 'patch' or 'pixel'.")
+  bn_axis = axis_name if model_config.sync_batch_norm else None
+  dtype = jnp.dtype(model_config.dtype)
+  generator = models.UNetGenerator(
+      num_downs=model_config.num_downs, ngf=model_config.ngf, output_nc=model_config.output_nc,
+      norm=model_config.norm, dropout_rate=model_config.dropout_rate,
+      dropout_placement=model_config.dropout_placement,
+      skip_connections=model_config.skip_connections, upconv_impl=model_config.upconv_impl,
+      conv_impl=model_config.conv_impl, bn_axis_name=bn_axis, dtype=dtype)
+  discriminator = models.PatchDiscriminator(
+      n_layers=model_config.n_layers_d, ndf=model_config.ndf, norm=model_config.norm,
+      pixel=model_config.disc_type == "pixel", conditional=model_config.conditional_d,
+      conv_impl=model_config.conv_impl, bn_axis_name=bn_axis, dtype=dtype)
+  return generator, discriminator
+
+
+def create_learning_rate_fn(base_lr: float, steps_per_epoch: float, n_epochs: int,
+                            n_epochs_decay: int) -> Callable[[jax.Array], jax.Array]:
+  """The official pix2pix schedule, evaluated by step.
+
+  Constant for `n_epochs`, then falling linearly over `n_epochs_decay`:
+  factor(epoch t, 0-based) = 1 - max(0, t + 1 - n_epochs) / (n_epochs_decay + 1),
+  with t = floor(step / steps_per_epoch), and 0 once training is over.
+  """
+  def learning_rate(step):
+    epoch = jnp.floor(step / steps_per_epoch)
+    factor = 1.0 - jnp.maximum(0.0, epoch + 1 - n_epochs) / (n_epochs_decay + 1)
+    return base_lr * jnp.clip(factor, 0.0, 1.0)
+  return learning_rate
+
+
+def create_optimizer(optim_config: ml_collections.ConfigDict,
+                     learning_rate_fn: Callable[[jax.Array], jax.Array]
+                     ) -> optax.GradientTransformation:
+  """Adam(lr schedule, beta1, beta2), PyTorch's eps convention (eps outside the sqrt)."""
+  return optax.adam(learning_rate_fn, b1=optim_config.beta1, b2=optim_config.beta2,
+                    eps=optim_config.eps)
+
+
+class NetState(flax.struct.PyTreeNode):
+  """One network's trainable state: params, BatchNorm statistics, optimiser state."""
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: optax.OptState
+
+  def variables(self) -> dict[str, PyTree]:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+  def apply_gradients(self, grads: PyTree, batch_stats: PyTree,
+                      tx: optax.GradientTransformation) -> "NetState":
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    return self.replace(params=optax.apply_updates(self.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """The step's fixed settings, beside the arrays: modules, optimisers, schedule, loss weights.
+
+  Static under jit and pmap (a change recompiles the step)."""
+  generator: models.UNetGenerator
+  discriminator: models.PatchDiscriminator
+  gen_tx: optax.GradientTransformation
+  disc_tx: optax.GradientTransformation
+  learning_rate_fn: Callable[[jax.Array], jax.Array]
+  gan_mode: str = "vanilla"
+  lambda_l1: float = 100.0
+  lambda_gan: float = 1.0
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a step reads and writes: both networks in one pytree."""
+  step: jax.Array
+  generator: NetState
+  discriminator: NetState
+  settings: StepSettings = flax.struct.field(pytree_node=False)
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
+                       steps_per_epoch: float) -> TrainState:
+  """Initialises G and D (on one host, unreplicated) for `config.data.crop_size` images."""
+  if config.loss.gan_mode not in losses.GAN_MODES:
+    raise ValueError(f"loss.gan_mode={config.loss.gan_mode!r} is not one of {losses.GAN_MODES}.")
+  generator, discriminator = create_model(config.model)
+  learning_rate_fn = create_learning_rate_fn(
+      config.optim.learning_rate, steps_per_epoch, config.optim.n_epochs,
+      config.optim.n_epochs_decay)
+  gen_tx = create_optimizer(config.optim, learning_rate_fn)
+  disc_tx = create_optimizer(config.optim, learning_rate_fn)
+  size = config.data.crop_size
+  real_a = jnp.zeros((1, size, size, config.model.input_nc), jnp.float32)
+  real_b = jnp.zeros((1, size, size, config.model.output_nc), jnp.float32)
+  models.check_image_size((size, size), config.model.num_downs)
+
+  @jax.jit
+  def init(rng):
+    gen_rng, disc_rng, dropout_rng = jax.random.split(rng, 3)
+    gen_vars = generator.init({"params": gen_rng, "dropout": dropout_rng}, real_a)
+    disc_vars = discriminator.init(disc_rng, real_a, real_b)
+    def net_state(variables, tx):
+      return NetState(params=variables["params"], batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(variables["params"]))
+    return net_state(gen_vars, gen_tx), net_state(disc_vars, disc_tx)
+
+  gen_state, disc_state = init(rng)
+  settings = StepSettings(generator=generator, discriminator=discriminator, gen_tx=gen_tx,
+                          disc_tx=disc_tx, learning_rate_fn=learning_rate_fn,
+                          gan_mode=config.loss.gan_mode, lambda_l1=float(config.loss.lambda_l1),
+                          lambda_gan=float(config.loss.lambda_gan))
+  return TrainState(step=jnp.zeros((), jnp.int32), generator=gen_state,
+                    discriminator=disc_state, settings=settings)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One pix2pix iteration on this replica's part of the batch (run under pmap).
+
+  G runs forward once. D is updated on D(x, y) and D(x, stop_gradient(G(x))),
+  two separate passes so BatchNorm sees the real and the fake batch apart;
+  then G is updated against the updated D, by pulling the gradient of its loss
+  with respect to G(x) back through the saved forward pass.
+
+  Args:
+    state: the replica's TrainState.
+    batch: {'real_a': [B, H, W, C_in], 'real_b': [B, H, W, C_out]}, float32 in [-1, 1].
+    rng: a key shared by all replicas; it is folded with the step and the
+      replica index, so dropout differs per replica and per step.
+  Returns:
+    The new state and the step's metrics, averaged over replicas.
+  """
+  p2p = state.settings
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS_NAME))
+  real_a, real_b = batch["real_a"], batch["real_b"]
+  gen, disc = state.generator, state.discriminator
+
+  def generate(params):
+    fake_b, updates = p2p.generator.apply(
+        {"params": params, "batch_stats": gen.batch_stats}, real_a,
+        rngs={"dropout": rng}, mutable=["batch_stats"])
+    return fake_b, updates.get("batch_stats", {})
+
+  fake_b, generator_vjp, gen_batch_stats = jax.vjp(generate, gen.params, has_aux=True)
+
+  def discriminate(params, batch_stats, image):
+    logits, updates = p2p.discriminator.apply(
+        {"params": params, "batch_stats": batch_stats}, real_a, image, mutable=["batch_stats"])
+    return logits, updates.get("batch_stats", {})
+
+  def disc_loss_fn(params):
+    # Fake first, then real: the order in which the official code moves D's running statistics.
+    fake_logits, batch_stats = discriminate(params, disc.batch_stats, lax.stop_gradient(fake_b))
+    real_logits, batch_stats = discriminate(params, batch_stats, real_b)
+    loss, parts = losses.discriminator_loss(real_logits, fake_logits, p2p.gan_mode)
+    return loss, (parts, batch_stats)
+
+  (_, (disc_metrics, disc_batch_stats)), disc_grads = jax.value_and_grad(
+      disc_loss_fn, has_aux=True)(disc.params)
+  disc = disc.apply_gradients(devices.replica_mean(disc_grads), disc_batch_stats, p2p.disc_tx)
+
+  def gen_loss_fn(fake_b):
+    g_l1 = p2p.lambda_l1 * losses.l1_loss(fake_b, real_b)
+    if p2p.lambda_gan == 0:       # "L1 only": D plays no part in G's update
+      return g_l1, (jnp.zeros(()), g_l1, disc.batch_stats)
+    fake_logits, batch_stats = discriminate(disc.params, disc.batch_stats, fake_b)
+    g_gan = losses.gan_loss(fake_logits, True, p2p.gan_mode)
+    return p2p.lambda_gan * g_gan + g_l1, (g_gan, g_l1, batch_stats)
+
+  (_, (g_gan, g_l1, disc_batch_stats)), fake_b_grad = jax.value_and_grad(
+      gen_loss_fn, has_aux=True)(fake_b)
+  (gen_grads,) = generator_vjp(fake_b_grad)
+  gen = gen.apply_gradients(devices.replica_mean(gen_grads), gen_batch_stats, p2p.gen_tx)
+  disc = disc.replace(batch_stats=disc_batch_stats)
+
+  metrics = {"G_GAN": g_gan, "G_L1": g_l1, **disc_metrics,
+             "learning_rate": p2p.learning_rate_fn(state.step)}
+  metrics = devices.replica_mean(metrics)
+  return state.replace(step=state.step + 1, generator=gen, discriminator=disc), metrics
+
+
+def eval_step(state: TrainState, real_a: jax.Array, rng: jax.Array, *,
+              deterministic: bool = False) -> jax.Array:
+  """Translates real_a [B, H, W, C_in] in [-1, 1] to fake_b [B, H, W, C_out] in [-1, 1].
+
+  Default, as the paper and the official test script: each image is run as a
+  batch of one in training mode, so BatchNorm uses that image's own statistics
+  and dropout stays on. `deterministic=True` is the official `--eval`: running
+  statistics and no dropout. Usable with or without pmap (no collectives).
+  """
+  generator = state.settings.generator.clone(bn_axis_name=None)
+  variables = state.generator.variables()
+  if deterministic:
+    return generator.apply(variables, real_a, use_running_average=True, deterministic=True)
+
+  def translate_one(image, key):
+    return generator.apply(variables, image[None], rngs={"dropout": key})[0]
+
+  keys = jax.random.split(rng, real_a.shape[0])
+  return jax.vmap(translate_one)(real_a, keys)
+
+
+@functools.lru_cache(maxsize=None)
+def _pmapped_train_step(donate: bool, local_devices: tuple[jax.Device, ...] | None) -> Callable:
+  return jax.pmap(train_step, axis_name=AXIS_NAME, in_axes=(0, 0, None),
+                  donate_argnums=(0,) if donate else (), devices=local_devices)
+
+
+def pmap_train_step(donate: bool = True, local_devices: list[jax.Device] | None = None
+                    ) -> Callable:
+  """`train_step` compiled under pmap over `local_devices` (default: all local devices).
+
+  The state is donated: its buffers are reused for the new state.
+  """
+  return _pmapped_train_step(donate, tuple(local_devices) if local_devices else None)

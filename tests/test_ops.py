@@ -1,0 +1,146 @@
+"""The convolution forms compute the same function as the layers' definitions, and `auto`
+takes the form its rules name for each layer's shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from p2p_jax import ops
+from p2p_jax.ops import choose
+from p2p_jax.ops import conv
+from p2p_jax.ops import conv_transpose
+from p2p_jax.ops import space_to_depth
+from p2p_jax.ops import winograd
+
+
+def _conv_transpose_by_definition(x, kernel):
+  """PyTorch ConvTranspose2d(k=4, s=2, p=1): out[2i - 1 + u, 2j - 1 + v] += x[i, j] @ kernel[u, v]."""
+  n, h, w, _ = x.shape
+  out = np.zeros((n, 2 * h + 2, 2 * w + 2, kernel.shape[-1]))     # one pixel of margin each side
+  for u in range(4):
+    for v in range(4):
+      out[:, u:u + 2 * h:2, v:v + 2 * w:2] += np.einsum("nhwc,co->nhwo", x, kernel[u, v])
+  return out[:, 1:-1, 1:-1]
+
+
+def _pullback(fn, x, kernel, cotangent):
+  return jax.grad(lambda x, k: jnp.sum(fn(x, k) * cotangent), argnums=(0, 1))(
+      jnp.asarray(x), jnp.asarray(kernel))
+
+
+# (input shape, output channels): a generic layer, one whose outputs are few
+# enough for the matmul forward, two "kernel-major" bottleneck layers, one with
+# fewer pixels than input channels (matmul input gradient), and one whose 4x4
+# windows pass 2**23 values (the space-to-depth forms of `auto`).
+@pytest.mark.parametrize("shape,c_out", [((2, 5, 6, 24), 20), ((2, 5, 6, 3), 4),
+                                         ((1, 1, 1, 16), 64), ((2, 2, 3, 8), 64),
+                                         ((1, 4, 4, 32), 8), ((3, 64, 64, 4), 64)])
+def test_upconv_forms_agree_with_the_definition_and_each_other(shape, c_out):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=shape).astype(np.float32)
+  kernel = rng.normal(size=(4, 4, shape[-1], c_out)).astype(np.float32)
+  expected = _conv_transpose_by_definition(x.astype(np.float64), kernel.astype(np.float64))
+  forms = {"subpixel": conv_transpose.upsample_subpixel, "dilated": conv_transpose.upsample_dilated,
+           "space_to_depth": space_to_depth.upsample_space_to_depth, "cols": conv_transpose.upsample_cols,
+           "auto": conv_transpose.upsample_auto}
+  for name, fn in forms.items():
+    np.testing.assert_allclose(fn(jnp.asarray(x), jnp.asarray(kernel)), expected, atol=5e-5,
+                               err_msg=name)
+
+  cotangent = jnp.asarray(rng.normal(size=expected.shape).astype(np.float32))
+  reference = _pullback(conv_transpose.upsample_dilated, x, kernel, cotangent)
+  for name in ("subpixel", "space_to_depth", "auto"):
+    for grad, want in zip(_pullback(forms[name], x, kernel, cotangent), reference):
+      # Kernel gradients sum over every pixel: float32 rounding grows with their size.
+      scale = max(1.0, float(np.abs(want).max()))
+      np.testing.assert_allclose(grad, want, rtol=1e-5, atol=5e-5 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("shape,c_out,stride", [((2, 8, 6, 5), 4, 2), ((1, 7, 9, 3), 6, 1),
+                                                ((2, 4, 4, 32), 64, 2), ((2, 9, 8, 16), 24, 1),
+                                                ((1, 6, 11, 5), 3, 1)])
+def test_conv_forms_agree_in_value_and_gradients(shape, c_out, stride):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=shape).astype(np.float32)
+  kernel = rng.normal(size=(4, 4, shape[-1], c_out)).astype(np.float32)
+  xla = conv.conv4x4_xla(jnp.asarray(x), jnp.asarray(kernel), stride)
+  forms = {"matmul": lambda x, k: conv.conv4x4_matmul(x, k, stride),
+           "auto": lambda x, k: conv.conv4x4_auto(x, k, stride)}
+  if stride == 2:
+    forms["s2"] = conv.conv4x4_s2
+    forms["space_to_depth"] = space_to_depth.space_to_depth_conv
+  else:
+    forms["winograd"] = winograd.conv4x4_winograd
+    forms["taps"] = conv.conv4x4_taps
+  cotangent = jnp.asarray(rng.normal(size=xla.shape).astype(np.float32))
+  reference = _pullback(lambda x, k: conv.conv4x4_xla(x, k, stride), x, kernel, cotangent)
+  def tolerance(want):
+    # Sums of a few hundred float32 products: the rounding grows with their size.
+    return max(5e-5, 2e-6 * float(np.abs(want).max()))
+  for name, fn in forms.items():
+    np.testing.assert_allclose(fn(jnp.asarray(x), jnp.asarray(kernel)), xla,
+                               atol=tolerance(xla), err_msg=name)
+    for grad, want in zip(_pullback(fn, x, kernel, cotangent), reference):
+      np.testing.assert_allclose(grad, want, rtol=1e-5, atol=tolerance(want), err_msg=name)
+
+
+def test_auto_forms_pick_by_shape():
+  """Which form `auto` takes where: the choice is a speed rule, so check that each
+  branch is reachable and is the form the docstrings describe."""
+  def takes(fn, *args):
+    return str(jax.make_jaxpr(fn)(*args))
+  x = jnp.zeros((1, 16, 16, 8))
+  assert "conv4x4_s2" in takes(lambda x: conv.conv4x4_auto(x, jnp.zeros((4, 4, 8, 8)), 2), x)
+  assert "conv4x4_matmul" in takes(                       # few output pixels, wide kernel
+      lambda x: conv.conv4x4_auto(x, jnp.zeros((4, 4, 8, 128)), 2), x)
+  odd = jnp.zeros((1, 15, 16, 8))                         # odd sides: XLA's own convolution
+  jaxpr = takes(lambda x: conv.conv4x4_auto(x, jnp.zeros((4, 4, 8, 8)), 2), odd)
+  assert "conv4x4_s2" not in jaxpr and "conv4x4_matmul" not in jaxpr
+  # Stride 1: Winograd once both sides have 16 channels; the 16 taps' matmul for
+  # the 1-channel logits; XLA's convolution from few channels to many.
+  assert "conv4x4_winograd" in takes(
+      lambda x: conv.conv4x4_auto(x, jnp.zeros((4, 4, 16, 32)), 1), jnp.zeros((1, 8, 8, 16)))
+  jaxpr = takes(lambda x: conv.conv4x4_auto(x, jnp.zeros((4, 4, 16, 1)), 1),
+                jnp.zeros((1, 8, 8, 16)))
+  assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
+  jaxpr = takes(lambda x: conv.conv4x4_auto(x, jnp.zeros((4, 4, 8, 32)), 1),
+                jnp.zeros((1, 8, 8, 8)))
+  assert "conv4x4_winograd" not in jaxpr and "conv_general_dilated" in jaxpr
+  # Up-convolutions: the space-to-depth form once the matmul's products pass 2**23 values.
+  kernel = jax.ShapeDtypeStruct((4, 4, 8, 64), jnp.float32)
+  big, small = (jax.ShapeDtypeStruct(shape, jnp.float32) for shape in [(3, 64, 64, 8),
+                                                                       (2, 64, 64, 8)])
+  assert "dot_general" not in takes(conv_transpose._upsample_auto_forward, big, kernel)
+  assert "dot_general" in takes(conv_transpose._upsample_auto_forward, small, kernel)
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,stride,form", [
+    ((4, 32, 32, 256), (4, 4, 256, 512), 1, "winograd"),   # the 70x70 PatchGAN's widest layer
+    ((4, 31, 31, 512), (4, 4, 512, 1), 1, "taps"),        # its logits
+    ((1, 8, 8, 8), (4, 4, 8, 32), 1, "xla"),
+    ((1, 256, 256, 3), (4, 4, 3, 64), 2, "matmul"),       # the U-Net's 3-channel input
+    ((1, 8, 8, 512), (4, 4, 512, 512), 2, "matmul"),      # few output pixels
+    ((4, 128, 128, 64), (4, 4, 64, 128), 2, "s2"),
+    ((1, 15, 16, 8), (4, 4, 8, 8), 2, "xla"),             # an odd side
+])
+def test_conv_rule_names_a_form_for_each_layer(x_shape, kernel_shape, stride, form):
+  assert choose.conv_form(x_shape, kernel_shape, stride) == form
+
+
+@pytest.mark.parametrize("x_shape,c_out,form", [
+    ((1, 2, 2, 1024), 512, "kernel_major"),   # unet_256's inner levels at batch 1
+    ((4, 64, 64, 512), 128, "space_to_depth"),  # the 64 px level at batch 4
+    ((1, 128, 128, 128), 3, "cols"),          # the outermost layer
+    ((1, 32, 32, 1024), 256, "cols"),
+])
+def test_conv_transpose_rule_names_a_form_for_each_layer(x_shape, c_out, form):
+  assert choose.conv_transpose_form(x_shape, c_out) == form
+
+
+def test_unknown_forms_are_named():
+  x, kernel = jnp.zeros((1, 8, 8, 4)), jnp.zeros((4, 4, 4, 4))
+  with pytest.raises(ValueError, match="conv_impl='im2col' is not one of 'auto', 'xla'"):
+    ops.conv4x4(x, kernel, 2, "im2col")
+  with pytest.raises(ValueError, match="upconv_impl='fast' is not one of 'auto', 'subpixel'"):
+    ops.conv_transpose4x4(x, kernel, "fast")
