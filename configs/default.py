@@ -59,9 +59,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   model.conditional_d = True             # False: D sees only the image (the "GAN" ablation)
   model.norm = "batch"                   # batch | instance | none
   model.sync_batch_norm = True           # average BatchNorm statistics over all devices
-  # Forms of the same layers (same parameters and results), chosen for speed:
-  model.upconv_impl = "auto"             # ConvTranspose: auto (per layer) | subpixel | dilated
-  model.conv_impl = "auto"               # Conv 4x4: auto (per layer) | xla
+  # Forms of the same layers (same parameters and results), chosen for speed; auto is
+  # by_shape (per-layer forms tuned on XLA:CPU) on the CPU and XLA's own on GPU/TPU:
+  model.upconv_impl = "auto"             # ConvTranspose: auto | by_shape | subpixel | dilated (XLA's)
+  model.conv_impl = "auto"               # Conv 4x4: auto | by_shape | xla
   model.dtype = "float32"                # compute dtype: float32 | bfloat16 (params stay float32)
 
   config.loss = loss = ml_collections.ConfigDict()
@@ -106,6 +107,9 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
                    with ngf = ndf = 32, batch 8; tables 1 and 2 at 64x64 (6 levels,
                    3,000 steps), table 3 at 128x128 (7 levels, 2,000 steps), where
                    the 286x286 discriminator has an output.
+  bf16             mixed precision: activations and matmul/convolution operands in
+                   bfloat16; parameters, optimiser state, BatchNorm statistics,
+                   sums and losses in float32 (model.dtype=bfloat16).
   loss=NAME, generator=NAME, disc=SIZE
                    the paper's ablations (Tables 1-3), see `p2p_jax.variants`.
 
@@ -115,13 +119,15 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     key, _, value = item.partition("=")
     if item == "smoke":
       _apply_smoke(config)
+    elif item == "bf16":
+      config.model.dtype = "bfloat16"
     elif key == "ablation" and value in ("1", "2", "3"):
       _apply_ablation_base(config, int(value))
     elif variants.is_ablation(item):
       variants.apply(config, item)
     else:
-      raise ValueError(f"Unknown config variant {item!r}; known: smoke, ablation={{1|2|3}}, "
-                       f"{variants.KNOWN}.")
+      raise ValueError(f"Unknown config variant {item!r}; known: smoke, bf16, "
+                       f"ablation={{1|2|3}}, {variants.KNOWN}.")
 
 
 def _apply_ablation_base(config: ml_collections.ConfigDict, table: int) -> None:

@@ -7,10 +7,17 @@
 `step` mode builds G and D from the config, replicates the train state over all
 local devices and times `step.pmap_train_step` (state donated, as in training)
 on one fixed batch of uniform noise of the configured size. It reports compile
-time, the median step time, images/s, XLA's FLOP count of the compiled step, the
-FLOP rate that gives, and the same machine's dense float32 matmul rate measured
-in the same run, so that runs on different or busy machines can be compared.
-`pipeline` mode times the host input pipeline alone.
+time, the median step time, images/s, the forms each layer kind runs, the
+model's FLOPs per step (`step.model_flops`: counted from the layer shapes, the
+same for every form) with the rate and the MFU they give, XLA's own FLOP count
+of the compiled program, device memory in use and at peak where the backend
+reports it, and the machine's dense matmul rate in the compute dtype measured in
+the same run. MFU divides by the vendor's peak for the device and dtype
+(`hardware.PEAKS`), or on a CPU by that measured matmul rate. Step mode needs
+only JAX, Flax, Optax, NumPy, ml_collections and absl (no TensorFlow, TFDS or
+clu), so it runs on an accelerator host with JAX alone.
+`pipeline` mode times the host input pipeline alone. `check` mode is the
+accelerator check (`launch/accelerator_check.sh`): see `run_check`.
 
 Progress goes to the log; the last line printed is one JSON object.
 """
@@ -21,6 +28,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -34,7 +42,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from p2p_jax import devices
-from p2p_jax import input_pipeline
+from p2p_jax import hardware
 from p2p_jax import models
 from p2p_jax import step as step_lib
 
@@ -60,12 +68,15 @@ def _flops(compiled: Any) -> float | None:
   return float(sum(flops)) if flops and None not in flops else None
 
 
-def matmul_gflops(device: Any = None, size: int = _MATMUL_SIZE, repeats: int = 10) -> float:
-  """This device's dense float32 matmul rate in GFLOP/s (median of `repeats`)."""
+def matmul_gflops(device: Any = None, size: int = _MATMUL_SIZE, repeats: int = 10,
+                  dtype: str = "float32") -> float:
+  """This device's dense matmul rate in GFLOP/s for `dtype` operands, float32 sums
+  (median of `repeats`)."""
   device = device or jax.local_devices()[0]
   keys = jax.random.split(jax.random.key(0))
-  lhs, rhs = (jax.device_put(jax.random.normal(k, (size, size), jnp.float32), device) for k in keys)
-  matmul = jax.jit(jnp.matmul)
+  lhs, rhs = (jax.device_put(jax.random.normal(k, (size, size), jnp.float32).astype(dtype),
+                             device) for k in keys)
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   matmul(lhs, rhs).block_until_ready()
   times = []
   for _ in range(repeats):
@@ -75,18 +86,12 @@ def matmul_gflops(device: Any = None, size: int = _MATMUL_SIZE, repeats: int = 1
   return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
-def _device_memory_mb(local_devices: list[Any]) -> float | None:
-  """Peak bytes in use, summed over devices, where the backend tracks it (GPU, TPU)."""
-  peaks = []
-  for device in local_devices:
-    try:
-      stats = device.memory_stats()
-    except Exception:  # pylint: disable=broad-except  # CPU: not implemented
-      stats = None
-    if not stats or "peak_bytes_in_use" not in stats:
-      return None
-    peaks.append(stats["peak_bytes_in_use"])
-  return sum(peaks) / 2 ** 20
+def _random_batch(config: ml_collections.ConfigDict, noise: np.random.Generator
+                  ) -> dict[str, np.ndarray]:
+  """A global batch of uniform noise in [-1, 1], float32, of the config's sizes."""
+  shape = (config.batch_size, config.data.crop_size, config.data.crop_size)
+  return {"real_a": noise.uniform(-1, 1, shape + (config.model.input_nc,)).astype(np.float32),
+          "real_b": noise.uniform(-1, 1, shape + (config.model.output_nc,)).astype(np.float32)}
 
 
 def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
@@ -104,16 +109,13 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
   local_devices = jax.local_devices()
   devices.check_batch_divides(config.batch_size, len(local_devices))
   size = config.data.crop_size
+  layers = step_lib.trace_layers(config, config.batch_size // len(local_devices))
+  model_flops = step_lib.model_flops(layers, config.loss.lambda_gan) * len(local_devices)
   # A very long epoch keeps the learning rate constant: its schedule costs the same anyway.
   state = step_lib.create_train_state(jax.random.key(config.seed), config, steps_per_epoch=1e9)
   params_generator = models.count_params(state.generator.params)
   params_discriminator = models.count_params(state.discriminator.params)
-  noise = np.random.default_rng(config.seed)
-  batch = {
-      "real_a": noise.uniform(-1, 1, (config.batch_size, size, size, config.model.input_nc)),
-      "real_b": noise.uniform(-1, 1, (config.batch_size, size, size, config.model.output_nc)),
-  }
-  batch = devices.shard(jax.tree.map(lambda x: x.astype(np.float32), batch))
+  batch = devices.shard(_random_batch(config, np.random.default_rng(config.seed)))
   state = devices.replicate(state)
   rng = jax.random.key(config.seed + 1)
 
@@ -139,7 +141,16 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
 
   median = statistics.median(times)
   gflops = flops_per_step / median / 1e9 if flops_per_step else None
-  matmul = matmul_gflops(local_devices[0]) * len(local_devices)
+  dtype = config.model.dtype
+  matmul = matmul_gflops(local_devices[0], dtype=dtype) * len(local_devices)
+  peak = hardware.vendor_peak(local_devices[0].device_kind)
+  if peak is None:
+    peak_gflops, peak_source = matmul, f"dense {dtype} matmul measured in this run"
+  else:
+    peak_gflops = hardware.peak_flops(peak, dtype) / 1e9 * len(local_devices)
+    peak_source = peak.source
+  model_gflops = model_flops / median / 1e9
+  memory = hardware.memory_mb(local_devices)
   return {
       "mode": "step",
       "sec_per_step_median": median,
@@ -150,6 +161,12 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
       "gflops_per_sec": gflops,
       "matmul_gflops_per_sec": matmul,
       "flops_fraction_of_matmul": gflops / matmul if gflops else None,
+      "model_flops_per_step": model_flops,
+      "model_gflops_per_sec": model_gflops,
+      "mfu": model_gflops / peak_gflops,
+      "peak_gflops_per_sec": peak_gflops,
+      "peak_source": peak_source,
+      "forms": step_lib.describe_forms(layers),
       "params_generator": params_generator,
       "params_discriminator": params_discriminator,
       "batch_size": config.batch_size,
@@ -167,13 +184,15 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
       "backend": jax.default_backend(),
       "jax_version": jax.__version__,
       "peak_rss_mb": _peak_rss_mb(),
-      "peak_device_memory_mb": _device_memory_mb(local_devices),
+      "device_memory_in_use_mb": memory["in_use"],
+      "peak_device_memory_mb": memory["peak"],
       "loadavg_1m": os.getloadavg()[0],
   }
 
 
 def run_pipeline(config: ml_collections.ConfigDict, num_batches: int = 10) -> dict[str, Any]:
   """Images per second the host input pipeline delivers on its own."""
+  from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow's side
   images_per_sec = input_pipeline.pipeline_throughput(config, num_batches)
   return {
       "mode": "pipeline",
@@ -188,12 +207,110 @@ def run_pipeline(config: ml_collections.ConfigDict, num_batches: int = 10) -> di
   }
 
 
+# The accelerator check: (batch sizes, steps timed per run, steps of the training run).
+_CHECK = {"full": ((1, 4, 16), 10, 200), "smoke": ((1, 2), 2, 10)}
+# Forms compared: the CPU-tuned per-layer forms and XLA's own. `auto` is one of them.
+_CHECK_FORMS = {"by_shape": ("by_shape", "by_shape"), "xla": ("xla", "dilated")}
+
+
+def run_check(config: ml_collections.ConfigDict, *, smoke: bool = False) -> dict[str, Any]:
+  """The accelerator check: every figure of one device in one JSON object.
+
+  For `config`'s networks and image size (launch/accelerator_check.sh passes
+  unet_256 with the 70x70 PatchGAN at 256x256): the step benchmark at batch 1,
+  4 and 16 (halved until it fits in memory), in float32 and bfloat16, with the
+  CPU-tuned forms (`by_shape`) and XLA's own; then a run of training steps on
+  random data with every step's losses checked finite. `smoke` runs the same
+  code with smaller batches and fewer steps (for the CPU). 'failures' lists
+  what failed; the caller exits non-zero if any did.
+  """
+  batches, timed, train_steps = _CHECK["smoke" if smoke else "full"]
+  local_devices = jax.local_devices()
+  runs, failures = [], []
+  for batch_per_device in batches:
+    for dtype in ("float32", "bfloat16"):
+      for forms, (conv_impl, upconv_impl) in _CHECK_FORMS.items():
+        label = f"batch {batch_per_device * len(local_devices)}, {dtype}, {forms}"
+        batch = batch_per_device
+        while True:
+          variant = _with(config, batch_size=batch * len(local_devices), dtype=dtype,
+                          conv_impl=conv_impl, upconv_impl=upconv_impl)
+          try:
+            result = run(variant, steps=timed, warmup=1)
+            break
+          except Exception as error:  # pylint: disable=broad-except  # reported, not raised
+            if "RESOURCE_EXHAUSTED" in str(error) and batch > 1:
+              batch //= 2                 # the largest batch that fits
+              continue
+            failures.append(f"{label}: {type(error).__name__}: {str(error)[:300]}")
+            result = None
+            break
+        if result is not None:
+          runs.append({key: result[key] for key in (
+              "batch_size", "dtype", "conv_impl", "upconv_impl", "sec_per_step_median",
+              "images_per_sec", "model_gflops_per_sec", "mfu", "compile_s",
+              "peak_device_memory_mb", "forms")} | {"forms_name": forms})
+  training = None
+  try:
+    training = _checked_training(_with(config, batch_size=len(local_devices)), train_steps)
+  except Exception as error:  # pylint: disable=broad-except
+    failures.append(f"training steps: {type(error).__name__}: {str(error)[:300]}")
+  backend = jax.default_backend()
+  return {
+      "mode": "check",
+      "smoke": smoke,
+      "backend": backend,
+      "device_kind": local_devices[0].device_kind,
+      "devices": len(local_devices),
+      "jax_version": jax.__version__,
+      "auto_is": "by_shape" if backend == "cpu" else "xla",
+      "image_size": config.data.crop_size,
+      "num_downs": config.model.num_downs,
+      "runs": runs,
+      "training": training,
+      "device_jitter_images_per_sec": None,   # the jitter still runs on the host
+      "failures": failures,
+  }
+
+
+def _with(config: ml_collections.ConfigDict, *, batch_size: int, **model
+          ) -> ml_collections.ConfigDict:
+  variant = ml_collections.ConfigDict(config.to_dict())
+  variant.batch_size = batch_size
+  variant.model.update(model)
+  return variant
+
+
+def _checked_training(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
+  """`steps` real train steps on fresh random batches; raises unless every loss is finite."""
+  state = devices.replicate(step_lib.create_train_state(jax.random.key(0), config,
+                                                        steps_per_epoch=1e9))
+  train_step = step_lib.pmap_train_step(donate=True)
+  noise = np.random.default_rng(0)
+  history = []
+  start = time.perf_counter()
+  for index in range(steps):
+    batch = devices.shard(_random_batch(config, noise))
+    state, metrics = train_step(state, batch, jax.random.key(index))
+    history.append(metrics)
+  history = jax.device_get(history)
+  seconds = time.perf_counter() - start
+  bad = [(index, name) for index, metrics in enumerate(history)
+         for name, value in metrics.items() if not np.all(np.isfinite(value))]
+  if bad:
+    raise FloatingPointError(f"non-finite losses at (step, loss) {bad[:5]}")
+  return {"steps": steps, "batch_size": config.batch_size, "seconds": seconds,
+          "final_losses": {name: float(np.mean(value)) for name, value in history[-1].items()}}
+
+
 def _summary(result: dict[str, Any]) -> str:
   if result["mode"] == "pipeline":
     return f"input pipeline: {result['images_per_sec']:.1f} images/s"
-  rate = (f", {result['gflops_per_sec']:.1f} GFLOP/s "
-          f"({100 * result['flops_fraction_of_matmul']:.0f}% of matmul)"
-          if result["gflops_per_sec"] else "")
+  if result["mode"] == "check":
+    return (f"accelerator check on {result['device_kind']}: {len(result['runs'])} runs, "
+            f"{len(result['failures'])} failure(s)")
+  rate = (f", model {result['model_gflops_per_sec']:.1f} GFLOP/s, "
+          f"MFU {100 * result['mfu']:.1f}%")
   return (f"{result['backend']} x{result['devices']}, batch {result['batch_size']} at "
           f"{result['image_size']}px: {result['sec_per_step_median']:.3f} s/step, "
           f"{result['images_per_sec']:.2f} images/s{rate}; compile {result['compile_s']:.1f} s")
@@ -204,8 +321,9 @@ FLAGS = flags.FLAGS   # the flags themselves are defined by `_define_flags`, run
 
 def _define_flags() -> None:
   # Defined only when run as a program, so that the module imports anywhere.
-  flags.DEFINE_enum("mode", "step", ["step", "pipeline"],
-                    "Time the train step, or the input pipeline alone.")
+  flags.DEFINE_enum("mode", "step", ["step", "pipeline", "check"],
+                    "Time the train step, the input pipeline alone, or run the accelerator check.")
+  flags.DEFINE_bool("smoke", False, "check mode: smaller batches and fewer steps (for a CPU).")
   flags.DEFINE_integer("steps", 10, "Timed steps (step mode) or batches (pipeline mode).")
   flags.DEFINE_integer("warmup", 2, "Untimed steps run after compiling (step mode).")
   config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -215,13 +333,17 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  devices.hide_accelerators_from_tensorflow()
   if FLAGS.mode == "step":
     result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup)
+  elif FLAGS.mode == "check":
+    result = run_check(FLAGS.config, smoke=FLAGS.smoke)
   else:
+    devices.hide_accelerators_from_tensorflow()   # the pipeline reads through TensorFlow
     result = run_pipeline(FLAGS.config, FLAGS.steps)
   logging.info(_summary(result))
   print(json.dumps(result), flush=True)
+  if result.get("failures"):
+    sys.exit(1)
 
 
 if __name__ == "__main__":

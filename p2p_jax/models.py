@@ -111,7 +111,8 @@ class Conv4x4(nn.Module):
   """Conv2d(kernel 4, padding 1), with nn.Conv's parameters: kernel [4, 4, C_in, C_out], bias.
 
   `impl` (`ops.CONV_IMPLS`): `xla` is XLA's convolution and its autodiff;
-  `auto` picks a form per layer (`ops.choose.conv_form`).
+  `by_shape` picks a form per layer (`ops.choose.conv_form`); `auto` is `by_shape`
+  on the CPU and `xla` on accelerators.
   """
   features: int
   stride: int
@@ -134,13 +135,29 @@ def _conv4x4(features: int, stride: int, use_bias: bool, impl: str, dtype: Dtype
   return Conv4x4(features, stride, use_bias, impl, dtype, name=name)
 
 
+class Conv1x1(nn.Module):
+  """Conv2d(kernel 1), with nn.Conv's parameters: kernel [1, 1, C_in, C_out], bias."""
+  features: int
+  use_bias: bool
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", _weight_init, (1, 1, x.shape[-1], self.features))
+    y = ops.conv1x1(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    return y
+
+
 class UpConv(nn.Module):
   """ConvTranspose2d(kernel 4, stride 2, padding 1): doubles H and W.
 
   The kernel is stored as [4, 4, C_in, C_out] (PyTorch's [C_in, C_out, 4, 4]
   transposed), so all implementations share parameters and agree to float
-  rounding (`ops.UPCONV_IMPLS`). `auto` has its own VJP, several times faster
-  on XLA:CPU; `subpixel` and `dilated` leave both gradients to XLA's autodiff.
+  rounding (`ops.UPCONV_IMPLS`). `by_shape` has its own VJP, several times faster
+  on XLA:CPU; `subpixel` and `dilated` (XLA's own) leave both gradients to XLA's
+  autodiff; `auto` is `by_shape` on the CPU and `dilated` on accelerators.
   """
   features: int
   use_bias: bool = False
@@ -271,8 +288,7 @@ class PatchDiscriminator(nn.Module):
 
     if self.pixel:
       def conv1x1(features, bias, name):
-        return nn.Conv(features, (1, 1), use_bias=bias, kernel_init=_weight_init,
-                       dtype=self.dtype, name=name)
+        return Conv1x1(features, bias, self.dtype, name=name)
       h = nn.leaky_relu(conv1x1(self.ndf, True, "conv_0")(x), _LEAKY_SLOPE)
       h = nn.leaky_relu(norm(conv1x1(self.ndf * 2, use_bias, "conv_1")(h), "norm_1"),
                         _LEAKY_SLOPE)

@@ -6,7 +6,9 @@ Reads top to bottom: `create_model` builds G and D from the config,
 update against the updated D) as one pure function run under `jax.pmap`
 (`pmap_train_step`), and `eval_step` translates a batch at test time. The
 training loop (`train`), evaluation, the benchmark and the weight converter
-build on these; this module imports none of them.
+build on these; this module imports none of them. `trace_layers` lists the
+layers each network runs (the forms `auto` chose, their FLOPs), and
+`model_flops` counts a step's FLOPs from them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from jax import lax
 from p2p_jax import devices
 from p2p_jax import losses
 from p2p_jax import models
+from p2p_jax.ops import choose
 
 AXIS_NAME = devices.AXIS_NAME
 PyTree = Any
@@ -253,3 +256,61 @@ def pmap_train_step(donate: bool = True, local_devices: list[jax.Device] | None 
   The state is donated: its buffers are reused for the new state.
   """
   return _pmapped_train_step(donate, tuple(local_devices) if local_devices else None)
+
+
+def trace_layers(config: ml_collections.ConfigDict, per_device_batch: int
+                 ) -> dict[str, list[choose.Layer]]:
+  """The linear layers of one forward pass of G and of D, as traced here (no compiling).
+
+  Each `choose.Layer` says its kind, the form it runs on this backend for a
+  per-device batch of `per_device_batch` crop_size x crop_size images, and its
+  forward FLOPs. Returns {"generator": [...], "discriminator": [...]}, input layer first.
+  """
+  generator, discriminator = create_model(config.model, axis_name=None)
+  size = config.data.crop_size
+  real_a = jax.ShapeDtypeStruct((per_device_batch, size, size, config.model.input_nc),
+                                jnp.float32)
+  real_b = jax.ShapeDtypeStruct((per_device_batch, size, size, config.model.output_nc),
+                                jnp.float32)
+  key = jax.random.key(0)
+  gen_vars = jax.eval_shape(lambda x: generator.init({"params": key, "dropout": key}, x), real_a)
+  disc_vars = jax.eval_shape(discriminator.init, key, real_a, real_b)
+  with choose.recording() as gen_layers:
+    jax.eval_shape(lambda v, x: generator.apply(v, x, rngs={"dropout": key},
+                                                mutable=["batch_stats"]), gen_vars, real_a)
+  with choose.recording() as disc_layers:
+    jax.eval_shape(lambda v, x, y: discriminator.apply(v, x, y, mutable=["batch_stats"]),
+                   disc_vars, real_a, real_b)
+  return {"generator": gen_layers, "discriminator": disc_layers}
+
+
+def describe_forms(layers: dict[str, list[choose.Layer]]) -> dict[str, dict[str, dict[str, int]]]:
+  """{network: {layer kind: {form: count}}}: which form each layer kind runs, and how often."""
+  summary = {}
+  for network, network_layers in layers.items():
+    kinds = summary.setdefault(network, {})
+    for layer in network_layers:
+      forms = kinds.setdefault(layer.kind, {})
+      forms[layer.form] = forms.get(layer.form, 0) + 1
+  return summary
+
+
+def model_flops(layers: dict[str, list[choose.Layer]], lambda_gan: float = 1.0) -> int:
+  """FLOPs of one train step for the batch `layers` were traced at, by the model's convention.
+
+  Counted from the layer shapes, so the same for every form (XLA's own count
+  leaves out what Winograd saves), and only the linear layers (convolutions and
+  transposed convolutions: 2 x multiply-adds; norms and activations are not
+  counted). With F a network's forward FLOPs and F_0 its input layer's: G runs
+  forward, weight gradient and input gradient (each as its forward, none for
+  its input layer): 3 F_G - F_G0. D's update runs two passes (real and fake),
+  each forward, weight and input gradients: 2 (3 F_D - F_D0). D's pass for G's
+  loss runs forward and input gradient: 2 F_D (none when lambda_gan = 0). About
+  87 GFLOP per 256x256 image for unet_256 with the 70x70 PatchGAN.
+  """
+  gen = [layer.flops for layer in layers["generator"]]
+  disc = [layer.flops for layer in layers["discriminator"]]
+  total = 3 * sum(gen) - gen[0] + 2 * (3 * sum(disc) - disc[0])
+  if lambda_gan:
+    total += 2 * sum(disc)
+  return total

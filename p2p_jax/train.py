@@ -85,6 +85,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     parameter_overview.log_parameter_overview(state.discriminator.params, msg="Discriminator")
   logging.info("Training %d steps (%d per epoch, global batch %d on %d devices).", num_steps,
                steps_per_epoch, config.batch_size, jax.device_count())
+  layers = step_lib.trace_layers(config, config.batch_size // jax.device_count())
+  logging.info("Layer forms on %s (conv_impl=%s, upconv_impl=%s, dtype=%s): %s; %.1f GFLOP "
+               "per step.", jax.default_backend(), config.model.conv_impl,
+               config.model.upconv_impl, config.model.dtype,
+               step_lib.describe_forms(layers),
+               step_lib.model_flops(layers, config.loss.lambda_gan) * jax.device_count() / 1e9)
 
   state = devices.replicate(state)
   train_iter = input_pipeline.create_train_iterator(config, start_step=initial_step)

@@ -10,12 +10,15 @@ import pytest
 
 from configs import default
 from p2p_jax import bench
+from p2p_jax import hardware
+from p2p_jax import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FIELDS = ("sec_per_step_median", "images_per_sec", "compile_s", "flops_per_step",
-           "gflops_per_sec", "matmul_gflops_per_sec", "params_generator",
-           "params_discriminator", "batch_size", "image_size", "devices", "backend",
-           "peak_rss_mb")
+           "gflops_per_sec", "matmul_gflops_per_sec", "model_flops_per_step",
+           "model_gflops_per_sec", "mfu", "peak_gflops_per_sec", "peak_source", "forms",
+           "params_generator", "params_discriminator", "batch_size", "image_size", "devices",
+           "backend", "peak_rss_mb", "device_memory_in_use_mb", "peak_device_memory_mb")
 
 
 def _smoke_config(**overrides):
@@ -44,6 +47,18 @@ def test_step_mode_reports_every_field_from_the_real_step():
       result["flops_per_step"] / result["sec_per_step_median"] / 1e9)
   assert result["matmul_gflops_per_sec"] > 0
   assert all(np.isfinite(list(result["losses"].values())))
+  # Model FLOPs from the layer shapes (per device, times the 8 devices) and MFU against the
+  # CPU's measured matmul rate; the forms `auto` ran on this CPU.
+  layers = step_lib.trace_layers(_smoke_config(), per_device_batch=1)
+  assert result["model_flops_per_step"] == 8 * step_lib.model_flops(layers)
+  assert result["model_gflops_per_sec"] == pytest.approx(
+      result["model_flops_per_step"] / result["sec_per_step_median"] / 1e9)
+  assert result["peak_gflops_per_sec"] == result["matmul_gflops_per_sec"]
+  assert result["mfu"] == pytest.approx(
+      result["model_gflops_per_sec"] / result["peak_gflops_per_sec"])
+  assert "measured in this run" in result["peak_source"]
+  assert result["forms"] == step_lib.describe_forms(layers)
+  assert result["peak_device_memory_mb"] is None     # the CPU backend keeps no such count
 
 
 def test_forms_of_the_layers_count_the_same_parameters():
@@ -77,3 +92,64 @@ def test_cli_prints_one_json_object_last_in_both_modes(tmp_path):
       assert set(_FIELDS) <= set(result) and result["devices"] == 2
     else:
       assert result["source"] == "synthetic" and result["batches"] == 2
+
+
+@pytest.mark.parametrize("device_kind,name,bf16,fp32", [
+    ("NVIDIA H200", "NVIDIA H200", 989.4, 494.7),
+    ("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM", 989.4, 494.7),
+    ("NVIDIA H100 PCIe", "NVIDIA H100 PCIe", 756.0, 378.0),
+    ("NVIDIA A100-SXM4-80GB", "NVIDIA A100", 312.0, 156.0),
+    ("TPU v4", "TPU v4", 275.0, 275.0),
+    ("TPU v5 lite", "TPU v5e", 197.0, 197.0),
+    ("TPU v5p", "TPU v5p", 459.0, 459.0),
+    ("TPU v6 lite", "TPU v6e", 918.0, 918.0),
+])
+def test_vendor_peaks_are_found_by_device_kind(device_kind, name, bf16, fp32):
+  peak = hardware.vendor_peak(device_kind)
+  assert (peak.name, peak.bfloat16_tflops, peak.float32_tflops) == (name, bf16, fp32)
+  assert hardware.peak_flops(peak, "bfloat16") == bf16 * 1e12
+  assert hardware.peak_flops(peak, "float32") == fp32 * 1e12
+  assert peak.source
+  assert hardware.vendor_peak("cpu") is None
+
+
+_BLOCKER = """
+import sys
+class Blocker:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "clu", "PIL"):
+      raise ImportError(f"{name} is not installed on this accelerator host")
+sys.meta_path.insert(0, Blocker())
+import runpy
+sys.argv = ["p2p_jax.bench"] + sys.argv[1:]
+runpy.run_module("p2p_jax.bench", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_step_mode_runs_where_only_jax_is_installed():
+  """Neither TensorFlow, TFDS, clu nor PIL is imported by the step benchmark."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env.pop("XLA_FLAGS", None)                    # one CPU device
+  out = subprocess.run(
+      [sys.executable, "-c", _BLOCKER, "--config=configs/default.py:smoke",
+       "--config.batch_size=1", "--steps=1", "--warmup=0"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1])["mode"] == "step"
+
+
+def test_the_accelerator_check_runs_in_its_smoke_mode():
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", ACCEL_CHECK_SMOKE="1",
+             TF_CPP_MIN_LOG_LEVEL="2", PYTHON=sys.executable)
+  env.pop("XLA_FLAGS", None)                    # one CPU device, as one accelerator
+  out = subprocess.run([os.path.join(ROOT, "launch", "accelerator_check.sh")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["mode"] == "check" and result["smoke"] and not result["failures"]
+  runs = {(run["batch_size"], run["dtype"], run["forms_name"]) for run in result["runs"]}
+  assert runs == {(batch, dtype, forms) for batch in (1, 2) for dtype in ("float32", "bfloat16")
+                  for forms in ("by_shape", "xla")}
+  assert all(run["images_per_sec"] > 0 and 0 < run["mfu"] for run in result["runs"])
+  assert result["training"]["steps"] == 10 and result["auto_is"] == "by_shape"
+  assert all(np.isfinite(list(result["training"]["final_losses"].values())))

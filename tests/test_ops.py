@@ -1,5 +1,5 @@
-"""The convolution forms compute the same function as the layers' definitions, and `auto`
-takes the form its rules name for each layer's shapes."""
+"""The convolution forms compute the same function as the layers' definitions, `by_shape`
+takes the form its rules name for each layer's shapes, and `auto` resolves per backend."""
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ def _pullback(fn, x, kernel, cotangent):
 # (input shape, output channels): a generic layer, one whose outputs are few
 # enough for the matmul forward, two "kernel-major" bottleneck layers, one with
 # fewer pixels than input channels (matmul input gradient), and one whose 4x4
-# windows pass 2**23 values (the space-to-depth forms of `auto`).
+# windows pass 2**23 values (the space-to-depth forms of `by_shape`).
 @pytest.mark.parametrize("shape,c_out", [((2, 5, 6, 24), 20), ((2, 5, 6, 3), 4),
                                          ((1, 1, 1, 16), 64), ((2, 2, 3, 8), 64),
                                          ((1, 4, 4, 32), 8), ((3, 64, 64, 4), 64)])
@@ -43,14 +43,14 @@ def test_upconv_forms_agree_with_the_definition_and_each_other(shape, c_out):
   expected = _conv_transpose_by_definition(x.astype(np.float64), kernel.astype(np.float64))
   forms = {"subpixel": conv_transpose.upsample_subpixel, "dilated": conv_transpose.upsample_dilated,
            "space_to_depth": space_to_depth.upsample_space_to_depth, "cols": conv_transpose.upsample_cols,
-           "auto": conv_transpose.upsample_auto}
+           "by_shape": conv_transpose.upsample_by_shape}
   for name, fn in forms.items():
     np.testing.assert_allclose(fn(jnp.asarray(x), jnp.asarray(kernel)), expected, atol=5e-5,
                                err_msg=name)
 
   cotangent = jnp.asarray(rng.normal(size=expected.shape).astype(np.float32))
   reference = _pullback(conv_transpose.upsample_dilated, x, kernel, cotangent)
-  for name in ("subpixel", "space_to_depth", "auto"):
+  for name in ("subpixel", "space_to_depth", "by_shape"):
     for grad, want in zip(_pullback(forms[name], x, kernel, cotangent), reference):
       # Kernel gradients sum over every pixel: float32 rounding grows with their size.
       scale = max(1.0, float(np.abs(want).max()))
@@ -66,7 +66,7 @@ def test_conv_forms_agree_in_value_and_gradients(shape, c_out, stride):
   kernel = rng.normal(size=(4, 4, shape[-1], c_out)).astype(np.float32)
   xla = conv.conv4x4_xla(jnp.asarray(x), jnp.asarray(kernel), stride)
   forms = {"matmul": lambda x, k: conv.conv4x4_matmul(x, k, stride),
-           "auto": lambda x, k: conv.conv4x4_auto(x, k, stride)}
+           "by_shape": lambda x, k: conv.conv4x4_by_shape(x, k, stride)}
   if stride == 2:
     forms["s2"] = conv.conv4x4_s2
     forms["space_to_depth"] = space_to_depth.space_to_depth_conv
@@ -85,34 +85,34 @@ def test_conv_forms_agree_in_value_and_gradients(shape, c_out, stride):
       np.testing.assert_allclose(grad, want, rtol=1e-5, atol=tolerance(want), err_msg=name)
 
 
-def test_auto_forms_pick_by_shape():
-  """Which form `auto` takes where: the choice is a speed rule, so check that each
+def test_by_shape_forms_pick_by_shape():
+  """Which form `by_shape` takes where: the choice is a speed rule, so check that each
   branch is reachable and is the form the docstrings describe."""
   def takes(fn, *args):
     return str(jax.make_jaxpr(fn)(*args))
   x = jnp.zeros((1, 16, 16, 8))
-  assert "conv4x4_s2" in takes(lambda x: conv.conv4x4_auto(x, jnp.zeros((4, 4, 8, 8)), 2), x)
+  assert "conv4x4_s2" in takes(lambda x: conv.conv4x4_by_shape(x, jnp.zeros((4, 4, 8, 8)), 2), x)
   assert "conv4x4_matmul" in takes(                       # few output pixels, wide kernel
-      lambda x: conv.conv4x4_auto(x, jnp.zeros((4, 4, 8, 128)), 2), x)
+      lambda x: conv.conv4x4_by_shape(x, jnp.zeros((4, 4, 8, 128)), 2), x)
   odd = jnp.zeros((1, 15, 16, 8))                         # odd sides: XLA's own convolution
-  jaxpr = takes(lambda x: conv.conv4x4_auto(x, jnp.zeros((4, 4, 8, 8)), 2), odd)
+  jaxpr = takes(lambda x: conv.conv4x4_by_shape(x, jnp.zeros((4, 4, 8, 8)), 2), odd)
   assert "conv4x4_s2" not in jaxpr and "conv4x4_matmul" not in jaxpr
   # Stride 1: Winograd once both sides have 16 channels; the 16 taps' matmul for
   # the 1-channel logits; XLA's convolution from few channels to many.
   assert "conv4x4_winograd" in takes(
-      lambda x: conv.conv4x4_auto(x, jnp.zeros((4, 4, 16, 32)), 1), jnp.zeros((1, 8, 8, 16)))
-  jaxpr = takes(lambda x: conv.conv4x4_auto(x, jnp.zeros((4, 4, 16, 1)), 1),
+      lambda x: conv.conv4x4_by_shape(x, jnp.zeros((4, 4, 16, 32)), 1), jnp.zeros((1, 8, 8, 16)))
+  jaxpr = takes(lambda x: conv.conv4x4_by_shape(x, jnp.zeros((4, 4, 16, 1)), 1),
                 jnp.zeros((1, 8, 8, 16)))
   assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
-  jaxpr = takes(lambda x: conv.conv4x4_auto(x, jnp.zeros((4, 4, 8, 32)), 1),
+  jaxpr = takes(lambda x: conv.conv4x4_by_shape(x, jnp.zeros((4, 4, 8, 32)), 1),
                 jnp.zeros((1, 8, 8, 8)))
   assert "conv4x4_winograd" not in jaxpr and "conv_general_dilated" in jaxpr
   # Up-convolutions: the space-to-depth form once the matmul's products pass 2**23 values.
   kernel = jax.ShapeDtypeStruct((4, 4, 8, 64), jnp.float32)
   big, small = (jax.ShapeDtypeStruct(shape, jnp.float32) for shape in [(3, 64, 64, 8),
                                                                        (2, 64, 64, 8)])
-  assert "dot_general" not in takes(conv_transpose._upsample_auto_forward, big, kernel)
-  assert "dot_general" in takes(conv_transpose._upsample_auto_forward, small, kernel)
+  assert "dot_general" not in takes(conv_transpose._upsample_by_shape_forward, big, kernel)
+  assert "dot_general" in takes(conv_transpose._upsample_by_shape_forward, small, kernel)
 
 
 @pytest.mark.parametrize("x_shape,kernel_shape,stride,form", [
@@ -140,7 +140,45 @@ def test_conv_transpose_rule_names_a_form_for_each_layer(x_shape, c_out, form):
 
 def test_unknown_forms_are_named():
   x, kernel = jnp.zeros((1, 8, 8, 4)), jnp.zeros((4, 4, 4, 4))
-  with pytest.raises(ValueError, match="conv_impl='im2col' is not one of 'auto', 'xla'"):
+  with pytest.raises(ValueError, match="conv_impl='im2col' is not one of 'auto', 'by_shape', 'xla'"):
     ops.conv4x4(x, kernel, 2, "im2col")
-  with pytest.raises(ValueError, match="upconv_impl='fast' is not one of 'auto', 'subpixel'"):
+  with pytest.raises(ValueError, match="upconv_impl='fast' is not one of 'auto', 'by_shape', 'subpixel'"):
     ops.conv_transpose4x4(x, kernel, "fast")
+
+
+@pytest.mark.parametrize("backend,conv_impl,conv_transpose_impl", [
+    ("cpu", "by_shape", "by_shape"), ("gpu", "xla", "dilated"), ("tpu", "xla", "dilated")])
+def test_auto_resolves_per_backend(backend, conv_impl, conv_transpose_impl):
+  assert choose.conv_impl_for("auto", backend) == conv_impl
+  assert choose.conv_transpose_impl_for("auto", backend) == conv_transpose_impl
+  for impl in ("xla", "by_shape"):                        # named impls stay as they are
+    assert choose.conv_impl_for(impl, backend) == impl
+  for impl in ("by_shape", "subpixel", "dilated"):
+    assert choose.conv_transpose_impl_for(impl, backend) == impl
+  # What the ops trace for that backend, without its hardware.
+  x, kernel = jnp.zeros((1, 16, 16, 8)), jnp.zeros((4, 4, 8, 8))
+  with choose.recording() as layers:
+    jax.eval_shape(lambda x: ops.conv4x4(x, kernel, 2, "auto", backend=backend), x)
+    jax.eval_shape(lambda x: ops.conv_transpose4x4(x, kernel, "auto", backend=backend), x)
+  assert [layer.form for layer in layers] == (
+      ["s2", "cols"] if backend == "cpu" else ["xla", "dilated"])
+  jaxpr = str(jax.make_jaxpr(lambda x: ops.conv4x4(x, kernel, 2, "auto", backend=backend))(x))
+  assert ("conv4x4_s2" in jaxpr) == (backend == "cpu")
+
+
+def test_recorded_flops_count_the_multiply_adds_of_each_layer():
+  with choose.recording() as layers:
+    jax.eval_shape(lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 3, 64)), 2), jnp.zeros((2, 256, 256, 3)))
+    jax.eval_shape(lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 256, 512)), 1),
+                   jnp.zeros((1, 32, 32, 256)))
+    jax.eval_shape(lambda x: ops.conv_transpose4x4(x, jnp.zeros((4, 4, 1024, 512))),
+                   jnp.zeros((1, 4, 4, 1024)))
+    jax.eval_shape(lambda x: conv.conv1x1(x, jnp.zeros((1, 1, 6, 64))), jnp.zeros((1, 8, 8, 6)))
+  assert [layer.flops for layer in layers] == [
+      2 * 2 * 128 * 128 * 16 * 3 * 64,       # stride 2: a 128x128 output per image
+      2 * 31 * 31 * 16 * 256 * 512,          # stride 1, padding 1: 31x31
+      2 * 4 * 4 * 16 * 1024 * 512,           # each input pixel times the 16 taps
+      2 * 8 * 8 * 6 * 64]
+  assert [layer.kind for layer in layers] == ["conv4x4", "conv4x4", "conv_transpose4x4",
+                                              "conv1x1"]
+  assert not choose._recorders                 # the recorder is gone after its block

@@ -190,3 +190,56 @@ def test_losses():
   assert float(parts["D_real"]) == pytest.approx(float(parts["D_fake"]))
   with pytest.raises(ValueError, match="wgan"):
     losses.gan_loss(logits, True, "wgan")
+
+
+BF16_LOSS_BOUND = 0.05   # relative, per loss and step: a few bfloat16 roundings (2**-8 each)
+
+
+def test_bfloat16_policy_keeps_state_and_losses_in_float32_and_follows_float32():
+  """`:bf16`: activations and matmul/convolution operands in bfloat16; parameters,
+  Adam moments, BatchNorm statistics and losses float32. Over the first steps of the
+  smoke config its losses stay within BF16_LOSS_BOUND of float32's."""
+  results = {}
+  for variant in ("smoke", "smoke,bf16"):
+    config = default.get_config(variant)
+    state = devices.replicate(step_lib.create_train_state(jax.random.key(0), config, 10))
+    step = step_lib.pmap_train_step()
+    history = []
+    for i in range(4):
+      state, metrics = step(state, devices.shard(_batch(seed=i)), jax.random.key(i))
+      history.append(devices.unreplicate(metrics))
+    results[variant] = (devices.unreplicate(state), history, config)
+  state, history, config = results["smoke,bf16"]
+  assert config.model.dtype == "bfloat16"
+  for leaf in jax.tree.leaves((state.generator, state.discriminator)):
+    assert leaf.dtype in (np.float32, np.int32), leaf.dtype
+  for got, want in zip(history, results["smoke"][1]):
+    for name in ("G_GAN", "G_L1", "D_real", "D_fake"):
+      assert got[name].dtype == np.float32
+      assert abs(got[name] - want[name]) < BF16_LOSS_BOUND * abs(want[name]), (name, got, want)
+  # The convolutions and matmuls do run in bfloat16 (float32 sums).
+  generator = state.settings.generator
+  variables = state.generator.variables()
+  jaxpr = str(jax.make_jaxpr(lambda x: generator.clone(bn_axis_name=None).apply(
+      variables, x, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"]))(
+          _batch(size=2)["real_a"]))
+  assert "bf16" in jaxpr and "preferred_element_type=float32" in jaxpr
+
+
+def test_layer_forms_and_model_flops_come_from_the_traced_layers():
+  config = default.get_config()          # unet_256 with the 70x70 PatchGAN at 256x256
+  layers = step_lib.trace_layers(config, per_device_batch=1)
+  assert [len(layers["generator"]), len(layers["discriminator"])] == [16, 5]
+  # README's figure: about 87 GFLOP per 256x256 image, whatever the forms.
+  assert step_lib.model_flops(layers) / 1e9 == pytest.approx(86.94, abs=0.01)
+  xla = default.get_config()
+  xla.model.update(conv_impl="xla", upconv_impl="dilated")
+  xla_layers = step_lib.trace_layers(xla, per_device_batch=1)
+  assert step_lib.model_flops(xla_layers) == step_lib.model_flops(layers)
+  assert step_lib.model_flops(layers, lambda_gan=0.0) < step_lib.model_flops(layers)
+  assert step_lib.describe_forms(xla_layers) == {
+      "generator": {"conv4x4": {"xla": 8}, "conv_transpose4x4": {"dilated": 8}},
+      "discriminator": {"conv4x4": {"xla": 5}}}
+  forms = step_lib.describe_forms(layers)         # on this CPU, `auto` is `by_shape`
+  assert forms["discriminator"]["conv4x4"] == {"s2": 3, "winograd": 1, "taps": 1}
+  assert sum(forms["generator"]["conv_transpose4x4"].values()) == 8

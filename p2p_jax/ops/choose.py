@@ -1,15 +1,70 @@
-"""The one place that picks a form for a layer, from the layer's shapes.
+"""The one place that picks a form for a layer: by backend, then by the layer's shapes.
 
-Every rule here was measured on XLA:CPU, layer by layer, for unet_256 and the
-70x70 PatchGAN at batch 1 and 4 (README, Speed). The forms compute the same
-function to float rounding, so a rule changes only speed.
+`auto` (the config's default) resolves per backend (`conv_impl_for`,
+`conv_transpose_impl_for`): on `cpu` to `by_shape`, the per-layer forms below;
+on `gpu` and `tpu` (and any other accelerator) to XLA's own convolution and
+transposed convolution, the path cuDNN and the TPU's convolution emitter are
+built for. Every `by_shape` rule was measured on XLA:CPU, layer by layer, for
+unet_256 and the 70x70 PatchGAN at batch 1 and 4 (README, Speed); none has been
+measured faster on an accelerator, where `by_shape` can still be asked for by
+name. The forms compute the same function to float rounding, so a rule changes
+only speed.
+
+`recording()` collects, for every layer traced inside it, its kind, the form it
+runs and its forward FLOPs: the training log, the benchmark and the model-FLOP
+count read them.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import dataclasses
+from typing import Iterator, Sequence
 
 Shape = Sequence[int]
+
+BACKENDS = ("cpu", "gpu", "tpu")
+
+
+def conv_impl_for(impl: str, backend: str) -> str:
+  """The convolution impl that `impl` means on `backend`: `auto` resolved, others as they are."""
+  if impl != "auto":
+    return impl
+  return "by_shape" if backend == "cpu" else "xla"
+
+
+def conv_transpose_impl_for(impl: str, backend: str) -> str:
+  """The transposed-convolution impl `impl` means on `backend` (`dilated` is XLA's own)."""
+  if impl != "auto":
+    return impl
+  return "by_shape" if backend == "cpu" else "dilated"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  kind: str      # "conv4x4", "conv_transpose4x4" or "conv1x1"
+  form: str      # the form it runs: a `CONV_FORMS` / `CONV_TRANSPOSE_FORMS` name, or an impl
+  flops: int     # of its forward pass: 2 x multiply-adds
+
+
+_recorders: list[list[Layer]] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Layer]]:
+  """Yields a list that fills with a `Layer` per linear layer traced inside the block."""
+  layers: list[Layer] = []
+  _recorders.append(layers)
+  try:
+    yield layers
+  finally:
+    _recorders.remove(layers)
+
+
+def note(kind: str, form: str, flops: int) -> None:
+  """Called by the ops as they trace a layer; a no-op outside `recording()`."""
+  for layers in _recorders:
+    layers.append(Layer(kind, form, int(flops)))
 
 # Forms of the 4x4, padding-1 convolution (`p2p_jax.ops.conv`).
 CONV_FORMS = ("xla", "matmul", "s2", "taps", "winograd")

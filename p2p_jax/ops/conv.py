@@ -13,7 +13,10 @@ compute the same function to float rounding and accumulate in float32.
             sum of shifted products.
   winograd  stride 1: Winograd's F(2x2, 4x4) (`p2p_jax.ops.winograd`).
 
-`choose.conv_form` holds the rule `auto` follows.
+`conv4x4` takes an impl (`IMPLS`): `xla`; `by_shape`, the form
+`choose.conv_form` names for each layer's shapes (rules measured on XLA:CPU);
+or `auto`, which is `by_shape` on the CPU and `xla` on accelerators
+(`choose.conv_impl_for`). `conv1x1` is the PixelGAN's 1x1 convolution.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from p2p_jax.validation import check_choice
 
 Array = jax.Array
 
-IMPLS = ("auto", "xla")   # config.model.conv_impl
+IMPLS = ("auto", "by_shape", "xla")   # config.model.conv_impl
 
 
 def conv4x4_xla(x: Array, kernel: Array, stride: int) -> Array:
@@ -117,12 +120,26 @@ _FORMS = {"xla": conv4x4_xla, "matmul": conv4x4_matmul,
           "taps": lambda x, kernel, stride: conv4x4_taps(x, kernel), "winograd": _winograd}
 
 
-def conv4x4_auto(x: Array, kernel: Array, stride: int) -> Array:
+def conv4x4_by_shape(x: Array, kernel: Array, stride: int) -> Array:
   """The same convolution in the form `choose.conv_form` picks for the layer's shapes."""
   return _FORMS[choose.conv_form(x.shape, kernel.shape, stride)](x, kernel, stride)
 
 
-def conv4x4(x: Array, kernel: Array, stride: int, impl: str = "auto") -> Array:
-  """Conv2d(kernel 4, padding 1, `stride`) as `impl` (`IMPLS`) computes it."""
+def conv4x4(x: Array, kernel: Array, stride: int, impl: str = "auto",
+            backend: str | None = None) -> Array:
+  """Conv2d(kernel 4, padding 1, `stride`) as `impl` (`IMPLS`) computes it on `backend`
+  (default: JAX's default backend, which `auto` resolves for)."""
   check_choice("conv_impl", impl, IMPLS)
-  return (conv4x4_auto if impl == "auto" else conv4x4_xla)(x, kernel, stride)
+  impl = choose.conv_impl_for(impl, backend or jax.default_backend())
+  form = choose.conv_form(x.shape, kernel.shape, stride) if impl == "by_shape" else "xla"
+  n, height, width, c_in = x.shape
+  out_pixels = n * ((height - 2) // stride + 1) * ((width - 2) // stride + 1)
+  choose.note("conv4x4", form, 2 * out_pixels * 16 * c_in * kernel.shape[-1])
+  return _FORMS[form](x, kernel, stride)
+
+
+def conv1x1(x: Array, kernel: Array) -> Array:
+  """A 1x1 convolution (the PixelGAN's): x [N, H, W, C_in], kernel [1, 1, C_in, C_out]."""
+  c_in, c_out = kernel.shape[2], kernel.shape[3]
+  choose.note("conv1x1", "matmul", 2 * x.size // c_in * c_in * c_out)
+  return windows.dot(x, kernel.reshape(c_in, c_out), ((3,), (0,))).astype(x.dtype)

@@ -4,12 +4,16 @@ Each form takes x [N, H, W, C_in] and a kernel [4, 4, C_in, C_out] with
 PyTorch's semantics (`out[2i - 1 + u, 2j - 1 + v] += x[i, j] @ kernel[u, v]`)
 and returns [N, 2H, 2W, C_out]; all compute the same function to float rounding.
 
-  auto            a hand-written VJP; forward and gradients in the formulation
-                  `choose.conv_transpose_form` picks for the layer's shapes.
+  by_shape        a hand-written VJP; forward and gradients in the formulation
+                  `choose.conv_transpose_form` picks for the layer's shapes (rules
+                  measured on XLA:CPU).
   subpixel        four 2x2 stride-1 convolutions (one per output phase), XLA's autodiff.
   dilated         the usual form: a convolution of the 2x-dilated input, XLA's autodiff.
   cols            one matmul of every pixel with the 16 taps and an overlap-add.
   space_to_depth  the adjoint of a stride-2 convolution's space-to-depth form.
+
+`auto` is `by_shape` on the CPU and `dilated` (XLA's own) on accelerators
+(`choose.conv_transpose_impl_for`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from p2p_jax.validation import check_choice
 
 Array = jax.Array
 
-IMPLS = ("auto", "subpixel", "dilated")   # config.model.upconv_impl
+IMPLS = ("auto", "by_shape", "subpixel", "dilated")   # config.model.upconv_impl
 
 
 # Sub-pixel form of a 4x4, stride-2, padding-1 transposed convolution. Output
@@ -65,7 +69,7 @@ def upsample_dilated(x: Array, kernel: Array) -> Array:
                                   lhs_dilation=(2, 2), dimension_numbers=windows.NHWC)
 
 
-# The `auto` form: the same result with a hand-written VJP that picks, from the
+# The `by_shape` form: the same result with a hand-written VJP that picks, from the
 # layer's shapes, the formulation XLA:CPU runs fastest. XLA runs a matmul with
 # its operands in row-major [M, K] x [K, N] form and copies whatever is not;
 # near the U-Net's bottleneck the kernels dwarf the activations (1024x512x16
@@ -88,7 +92,7 @@ def upsample_cols(x: Array, kernel: Array) -> Array:
   return windows.overlap_add(cols.reshape(n, h, w, 4, 4, c_out)).astype(x.dtype)
 
 
-def _upsample_auto_forward(x: Array, kernel: Array) -> Array:
+def _upsample_by_shape_forward(x: Array, kernel: Array) -> Array:
   form = choose.conv_transpose_form(x.shape, kernel.shape[-1])
   if form == "space_to_depth":
     return upsample_space_to_depth(x, kernel)
@@ -103,19 +107,19 @@ def _upsample_auto_forward(x: Array, kernel: Array) -> Array:
 
 
 @jax.custom_vjp
-def upsample_auto(x: Array, kernel: Array) -> Array:
+def upsample_by_shape(x: Array, kernel: Array) -> Array:
   """The same transposed convolution, with a VJP chosen for speed on XLA:CPU.
 
   Args and result as `upsample_subpixel`; the formulations are described above.
   """
-  return _upsample_auto_forward(x, kernel)
+  return _upsample_by_shape_forward(x, kernel)
 
 
-def _upsample_auto_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
-  return _upsample_auto_forward(x, kernel), (x, kernel)
+def _upsample_by_shape_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
+  return _upsample_by_shape_forward(x, kernel), (x, kernel)
 
 
-def _upsample_auto_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Array]:
+def _upsample_by_shape_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Array]:
   x, kernel = residuals
   n, h, w, c_in = x.shape
   c_out = kernel.shape[-1]
@@ -158,12 +162,19 @@ def _upsample_auto_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Arr
   return x_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
 
 
-upsample_auto.defvjp(_upsample_auto_fwd, _upsample_auto_bwd)
+upsample_by_shape.defvjp(_upsample_by_shape_fwd, _upsample_by_shape_bwd)
 
-_FORMS = {"auto": upsample_auto, "subpixel": upsample_subpixel, "dilated": upsample_dilated}
+_FORMS = {"by_shape": upsample_by_shape, "subpixel": upsample_subpixel,
+          "dilated": upsample_dilated}
 
 
-def conv_transpose4x4(x: Array, kernel: Array, impl: str = "auto") -> Array:
-  """ConvTranspose2d(kernel 4, stride 2, padding 1) as `impl` (`IMPLS`) computes it."""
+def conv_transpose4x4(x: Array, kernel: Array, impl: str = "auto",
+                      backend: str | None = None) -> Array:
+  """ConvTranspose2d(kernel 4, stride 2, padding 1) as `impl` (`IMPLS`) computes it on
+  `backend` (default: JAX's default backend, which `auto` resolves for)."""
   check_choice("upconv_impl", impl, IMPLS)
+  impl = choose.conv_transpose_impl_for(impl, backend or jax.default_backend())
+  form = choose.conv_transpose_form(x.shape, kernel.shape[-1]) if impl == "by_shape" else impl
+  n, h, w, c_in = x.shape
+  choose.note("conv_transpose4x4", form, 2 * n * h * w * 16 * c_in * kernel.shape[-1])
   return _FORMS[impl](x, kernel)

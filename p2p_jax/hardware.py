@@ -1,0 +1,79 @@
+"""What a device can do: its vendor's peak FLOP rate per dtype, and its memory in use.
+
+Model FLOP utilisation (MFU) divides the model's FLOPs per second (counted from
+the layer shapes, `step.model_flops`) by the device's peak for the compute
+dtype. On accelerators the peaks are the vendors' dense figures (no structured
+sparsity) for one chip; on a CPU, where no vendor figure fits the machine at
+hand, the benchmark uses the dense matmul rate it measures in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+  name: str
+  bfloat16_tflops: float
+  float32_tflops: float
+  source: str
+
+
+# Matched against `device.device_kind` (case-insensitive substrings, first match wins).
+# float32: NVIDIA's TF32 tensor-core rate, since XLA's default matmul and convolution
+# precision runs float32 in TF32 on these GPUs; TPUs state no float32 rate and XLA's
+# default precision runs float32 matmuls as bfloat16 passes, so the bfloat16 peak is used.
+PEAKS = (
+    (("h200",), Peak("NVIDIA H200", 989.4, 494.7,
+                     "NVIDIA H200 Tensor Core GPU datasheet (SXM): 1,979 BF16 / 989 TF32 "
+                     "TFLOPS with sparsity, halved for dense")),
+    (("h100 pcie",), Peak("NVIDIA H100 PCIe", 756.0, 378.0,
+                            "NVIDIA H100 Tensor Core GPU datasheet (PCIe): 1,513 BF16 / 756 "
+                            "TF32 TFLOPS with sparsity, halved for dense")),
+    (("h100",), Peak("NVIDIA H100 SXM", 989.4, 494.7,
+                     "NVIDIA H100 Tensor Core GPU datasheet (SXM): 1,979 BF16 / 989 TF32 "
+                     "TFLOPS with sparsity, halved for dense")),
+    (("a100",), Peak("NVIDIA A100", 312.0, 156.0,
+                     "NVIDIA A100 Tensor Core GPU datasheet: 312 BF16 / 156 TF32 TFLOPS dense")),
+    (("tpu v4",), Peak("TPU v4", 275.0, 275.0,
+                       "Google Cloud TPU v4 documentation: 275 BF16 TFLOPS per chip")),
+    (("tpu v5 lite", "tpu v5e"), Peak("TPU v5e", 197.0, 197.0,
+                                      "Google Cloud TPU v5e documentation: 197 BF16 TFLOPS "
+                                      "per chip")),
+    (("tpu v5p", "tpu v5"), Peak("TPU v5p", 459.0, 459.0,
+                                 "Google Cloud TPU v5p documentation: 459 BF16 TFLOPS per chip")),
+    (("tpu v6", "trillium"), Peak("TPU v6e", 918.0, 918.0,
+                                  "Google Cloud TPU v6e (Trillium) documentation: 918 BF16 "
+                                  "TFLOPS per chip")),
+)
+
+
+def vendor_peak(device_kind: str) -> Peak | None:
+  """The vendor peak for a `device.device_kind`, or None where the table has none (CPUs)."""
+  kind = device_kind.lower()
+  for patterns, peak in PEAKS:
+    if any(pattern in kind for pattern in patterns):
+      return peak
+  return None
+
+
+def peak_flops(peak: Peak, dtype: str) -> float:
+  """FLOP/s of one chip for the compute `dtype` ("float32" or "bfloat16")."""
+  return 1e12 * (peak.bfloat16_tflops if dtype == "bfloat16" else peak.float32_tflops)
+
+
+def memory_mb(devices: list[Any]) -> dict[str, float | None]:
+  """{'in_use', 'peak'}: MiB summed over `devices`, where the backend reports it (else None)."""
+  totals = {"in_use": 0.0, "peak": 0.0}
+  for device in devices:
+    try:
+      stats = device.memory_stats()
+    except Exception:  # pylint: disable=broad-except  # CPU: not implemented
+      stats = None
+    if not stats or "bytes_in_use" not in stats:
+      return {"in_use": None, "peak": None}
+    totals["in_use"] += stats["bytes_in_use"] / 2 ** 20
+    totals["peak"] += stats.get("peak_bytes_in_use", stats["bytes_in_use"]) / 2 ** 20
+  return totals
