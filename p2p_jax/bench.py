@@ -45,6 +45,7 @@ from p2p_jax import devices
 from p2p_jax import hardware
 from p2p_jax import models
 from p2p_jax import step as step_lib
+from p2p_jax.ops import choose
 
 
 _MATMUL_SIZE = 2048
@@ -263,7 +264,7 @@ def run_check(config: ml_collections.ConfigDict, *, smoke: bool = False) -> dict
       "device_kind": local_devices[0].device_kind,
       "devices": len(local_devices),
       "jax_version": jax.__version__,
-      "auto_is": "by_shape" if backend == "cpu" else "xla",
+      "auto_is": choose.conv_impl_for("auto", backend),
       "image_size": config.data.crop_size,
       "num_downs": config.model.num_downs,
       "runs": runs,

@@ -59,11 +59,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def config_differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+def _config_differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
   """(dotted field, old value, new value) for every leaf in which two config dicts differ."""
   if isinstance(old, dict) and isinstance(new, dict):
     return [d for key in sorted(set(old) | set(new))
-            for d in config_differences(old.get(key), new.get(key), f"{path}.{key}".lstrip("."))]
+            for d in _config_differences(old.get(key), new.get(key), f"{path}.{key}".lstrip("."))]
   return [] if old == new else [(path, old, new)]
 
 
@@ -83,7 +83,7 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str, *,
   if not (_path(workdir) / CONFIG_FILE).exists():
     return
   saved = load_config(workdir).to_dict()
-  for field, old, new in config_differences(saved, json.loads(config.to_json())):
+  for field, old, new in _config_differences(saved, json.loads(config.to_json())):
     if (fields and not field.startswith(fields)) or (ignore and field.startswith(ignore)):
       continue
     fix = hint or f"Use a new --workdir, or pass --config.{field}={old!r}."

@@ -4,7 +4,8 @@
   python -m p2p_jax.main --config=configs/edges2shoes.py --workdir=runs/shoes --mode=eval
 
 Kept short on purpose: it parses flags, sets up the (optional) multi-process
-runtime, keeps TensorFlow (which only reads data) off the accelerators and hands over to `train.train_and_evaluate` or `evaluate.evaluate`.
+runtime, keeps TensorFlow (which only reads data) off the accelerators and hands
+over to `train.train_and_evaluate` or `evaluate.evaluate`.
 """
 
 import os

@@ -108,7 +108,8 @@ def _define_flags() -> None:
   flags.DEFINE_enum("fit", "resize", ["resize", "pad"], "How images are made to fit the U-Net.")
   flags.DEFINE_bool("deterministic", False,
                     "Running BatchNorm statistics and no dropout (default: the paper's test mode).")
-  flags.DEFINE_bool("paired", False, "Inputs are A|B files: use the half config.data.direction names.")
+  flags.DEFINE_bool("paired", False,
+                    "Inputs are A|B files: use the half config.data.direction names.")
   flags.DEFINE_integer("seed", 0, "Seed of the dropout noise.")
   flags.mark_flags_as_required(["workdir", "input", "output"])
 

@@ -42,7 +42,8 @@ def test_upconv_forms_agree_with_the_definition_and_each_other(shape, c_out):
   kernel = rng.normal(size=(4, 4, shape[-1], c_out)).astype(np.float32)
   expected = _conv_transpose_by_definition(x.astype(np.float64), kernel.astype(np.float64))
   forms = {"subpixel": conv_transpose.upsample_subpixel, "dilated": conv_transpose.upsample_dilated,
-           "space_to_depth": space_to_depth.upsample_space_to_depth, "cols": conv_transpose.upsample_cols,
+           "space_to_depth": space_to_depth.upsample_space_to_depth,
+           "cols": conv_transpose.upsample_cols,
            "by_shape": conv_transpose.upsample_by_shape}
   for name, fn in forms.items():
     np.testing.assert_allclose(fn(jnp.asarray(x), jnp.asarray(kernel)), expected, atol=5e-5,
@@ -66,7 +67,7 @@ def test_conv_forms_agree_in_value_and_gradients(shape, c_out, stride):
   kernel = rng.normal(size=(4, 4, shape[-1], c_out)).astype(np.float32)
   xla = conv.conv4x4_xla(jnp.asarray(x), jnp.asarray(kernel), stride)
   forms = {"matmul": lambda x, k: conv.conv4x4_matmul(x, k, stride),
-           "by_shape": lambda x, k: conv.conv4x4_by_shape(x, k, stride)}
+           "by_shape": lambda x, k: ops.conv4x4(x, k, stride, "by_shape")}
   if stride == 2:
     forms["s2"] = conv.conv4x4_s2
     forms["space_to_depth"] = space_to_depth.space_to_depth_conv
@@ -91,20 +92,22 @@ def test_by_shape_forms_pick_by_shape():
   def takes(fn, *args):
     return str(jax.make_jaxpr(fn)(*args))
   x = jnp.zeros((1, 16, 16, 8))
-  assert "conv4x4_s2" in takes(lambda x: conv.conv4x4_by_shape(x, jnp.zeros((4, 4, 8, 8)), 2), x)
+  assert "conv4x4_s2" in takes(
+      lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 8, 8)), 2, "by_shape"), x)
   assert "conv4x4_matmul" in takes(                       # few output pixels, wide kernel
-      lambda x: conv.conv4x4_by_shape(x, jnp.zeros((4, 4, 8, 128)), 2), x)
+      lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 8, 128)), 2, "by_shape"), x)
   odd = jnp.zeros((1, 15, 16, 8))                         # odd sides: XLA's own convolution
-  jaxpr = takes(lambda x: conv.conv4x4_by_shape(x, jnp.zeros((4, 4, 8, 8)), 2), odd)
+  jaxpr = takes(lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 8, 8)), 2, "by_shape"), odd)
   assert "conv4x4_s2" not in jaxpr and "conv4x4_matmul" not in jaxpr
   # Stride 1: Winograd once both sides have 16 channels; the 16 taps' matmul for
   # the 1-channel logits; XLA's convolution from few channels to many.
   assert "conv4x4_winograd" in takes(
-      lambda x: conv.conv4x4_by_shape(x, jnp.zeros((4, 4, 16, 32)), 1), jnp.zeros((1, 8, 8, 16)))
-  jaxpr = takes(lambda x: conv.conv4x4_by_shape(x, jnp.zeros((4, 4, 16, 1)), 1),
+      lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 16, 32)), 1, "by_shape"),
+      jnp.zeros((1, 8, 8, 16)))
+  jaxpr = takes(lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 16, 1)), 1, "by_shape"),
                 jnp.zeros((1, 8, 8, 16)))
   assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
-  jaxpr = takes(lambda x: conv.conv4x4_by_shape(x, jnp.zeros((4, 4, 8, 32)), 1),
+  jaxpr = takes(lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 8, 32)), 1, "by_shape"),
                 jnp.zeros((1, 8, 8, 8)))
   assert "conv4x4_winograd" not in jaxpr and "conv_general_dilated" in jaxpr
   # Up-convolutions: the space-to-depth form once the matmul's products pass 2**23 values.
@@ -140,9 +143,11 @@ def test_conv_transpose_rule_names_a_form_for_each_layer(x_shape, c_out, form):
 
 def test_unknown_forms_are_named():
   x, kernel = jnp.zeros((1, 8, 8, 4)), jnp.zeros((4, 4, 4, 4))
-  with pytest.raises(ValueError, match="conv_impl='im2col' is not one of 'auto', 'by_shape', 'xla'"):
+  with pytest.raises(ValueError,
+                     match="conv_impl='im2col' is not one of 'auto', 'by_shape', 'xla'"):
     ops.conv4x4(x, kernel, 2, "im2col")
-  with pytest.raises(ValueError, match="upconv_impl='fast' is not one of 'auto', 'by_shape', 'subpixel'"):
+  with pytest.raises(ValueError,
+                     match="upconv_impl='fast' is not one of 'auto', 'by_shape', 'subpixel'"):
     ops.conv_transpose4x4(x, kernel, "fast")
 
 
@@ -168,7 +173,8 @@ def test_auto_resolves_per_backend(backend, conv_impl, conv_transpose_impl):
 
 def test_recorded_flops_count_the_multiply_adds_of_each_layer():
   with choose.recording() as layers:
-    jax.eval_shape(lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 3, 64)), 2), jnp.zeros((2, 256, 256, 3)))
+    jax.eval_shape(lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 3, 64)), 2),
+                   jnp.zeros((2, 256, 256, 3)))
     jax.eval_shape(lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 256, 512)), 1),
                    jnp.zeros((1, 32, 32, 256)))
     jax.eval_shape(lambda x: ops.conv_transpose4x4(x, jnp.zeros((4, 4, 1024, 512))),

@@ -120,11 +120,6 @@ _FORMS = {"xla": conv4x4_xla, "matmul": conv4x4_matmul,
           "taps": lambda x, kernel, stride: conv4x4_taps(x, kernel), "winograd": _winograd}
 
 
-def conv4x4_by_shape(x: Array, kernel: Array, stride: int) -> Array:
-  """The same convolution in the form `choose.conv_form` picks for the layer's shapes."""
-  return _FORMS[choose.conv_form(x.shape, kernel.shape, stride)](x, kernel, stride)
-
-
 def conv4x4(x: Array, kernel: Array, stride: int, impl: str = "auto",
             backend: str | None = None) -> Array:
   """Conv2d(kernel 4, padding 1, `stride`) as `impl` (`IMPLS`) computes it on `backend`
