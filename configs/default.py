@@ -43,6 +43,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   data.num_train_examples = 2000         # synthetic source: examples in the train split
   data.num_eval_examples = 100           # synthetic source: examples in val/test
   data.prefetch_to_device = 2            # batches kept ready on the devices
+  data.cache = ""                        # "memory" or a file: keep the decoded train pairs after epoch 1
+  data.service_address = ""              # grpc://HOST:PORT of a tf.data service dispatcher ("" = decode here)
 
   config.model = model = ml_collections.ConfigDict()
   model.input_nc = 3                     # channels of the input image (1 or 3)

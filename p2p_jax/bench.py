@@ -1,8 +1,10 @@
-"""Benchmark: the real pmapped train step on random data, or the input pipeline.
+"""Benchmark: the real pmapped train step on random data, the input pipeline, or the loop.
 
   python -m p2p_jax.bench --config=configs/edges2shoes.py --steps=20 --warmup=3
   python -m p2p_jax.bench --config=configs/default.py --config.model.dtype=bfloat16
-  python -m p2p_jax.bench --config=configs/edges2shoes.py:smoke --mode=pipeline --steps=50
+  python -m p2p_jax.bench --config=configs/edges2shoes.py --mode=pipeline --steps=200 \\
+      --config.data.source=folder --config.data.dir=DIR
+  python -m p2p_jax.bench --config=configs/demo.py --mode=loop --steps=50
 
 `step` mode builds G and D from the config, replicates the train state over all
 local devices and times `step.pmap_train_step` (state donated, as in training)
@@ -16,8 +18,13 @@ the same run. MFU divides by the vendor's peak for the device and dtype
 (`hardware.PEAKS`), or on a CPU by that measured matmul rate. Step mode needs
 only JAX, Flax, Optax, NumPy, ml_collections and absl (no TensorFlow, TFDS or
 clu), so it runs on an accelerator host with JAX alone.
-`pipeline` mode times the host input pipeline alone. `check` mode is the
-accelerator check (`launch/accelerator_check.sh`): see `run_check`.
+The step it times takes float images (the networks' step, as the PyTorch
+reference's); the jitter the training step adds is timed by `loop` mode.
+`pipeline` mode times the host input pipeline alone, against the rate tf.data
+reaches when it only decodes the same files (`run_pipeline`). `loop` mode
+times the training loop, pipeline and step, against the step alone
+(`run_loop`). `check` mode is the accelerator check
+(`launch/accelerator_check.sh`): see `run_check`.
 
 Progress goes to the log; the last line printed is one JSON object.
 """
@@ -192,20 +199,105 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
 
 
 def run_pipeline(config: ml_collections.ConfigDict, num_batches: int = 10) -> dict[str, Any]:
-  """Images per second the host input pipeline delivers on its own."""
+  """Pairs per second the host input pipeline delivers on its own, against its ceiling.
+
+  The ceiling is the rate tf.data reaches on the same split when it only
+  decodes (`input_pipeline.decode_throughput`), measured in the same run; the
+  two are timed alternately, twice each, and the better of each is reported.
+  """
   from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow's side
-  images_per_sec = input_pipeline.pipeline_throughput(config, num_batches)
+  pairs = max(64, num_batches * config.batch_size)
+  rates, ceilings = [], []
+  for _ in range(2):
+    ceilings.append(input_pipeline.decode_throughput(config, pairs))
+    rates.append(input_pipeline.pipeline_throughput(config, num_batches))
+  cores = _num_cores()
+  rate, ceiling = max(rates), max(ceilings)
   return {
       "mode": "pipeline",
-      "images_per_sec": images_per_sec,
+      "pairs_per_sec": rate,
+      "pairs_per_sec_per_core": rate / cores,
+      "decode_only_pairs_per_sec": ceiling,
+      "fraction_of_decode_only": rate / ceiling,
+      "rounds": {"pipeline": rates, "decode_only": ceilings},
+      "cores": cores,
       "batches": num_batches,
       "batch_size": config.batch_size,
       "image_size": config.data.crop_size,
       "source": config.data.source,
       "name": config.data.name,
+      "cache": config.data.cache,
       "peak_rss_mb": _peak_rss_mb(),
       "loadavg_1m": os.getloadavg()[0],
   }
+
+
+def run_loop(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 3
+             ) -> dict[str, Any]:
+  """The training loop's pace (input pipeline and step) against the step alone.
+
+  Both run the step as training does (`step.pmap_train_step` with the
+  on-device jitter): alone, on one batch of the pipeline kept on the devices;
+  in the loop, on each batch the pipeline delivers. The two are timed
+  alternately, twice each; the fraction of the loop's time spent waiting for
+  data is 1 - step / loop, from the better round of each. With `data.cache`,
+  one epoch is read first, so the loop is timed as later epochs run.
+  """
+  from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow's side
+  from p2p_jax.datasets.preprocess import Preprocess  # pylint: disable=g-import-not-at-top
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0.")
+  steps_per_epoch = input_pipeline.steps_per_epoch(config)
+  state = devices.replicate(step_lib.create_train_state(jax.random.key(config.seed), config,
+                                                        steps_per_epoch))
+  train_step = step_lib.pmap_train_step(prep=Preprocess.from_config(config))
+  rng = jax.random.key(config.seed + 1)
+  batches = input_pipeline.create_train_iterator(config)
+  fixed = next(batches)
+  if config.data.cache:   # the cache is complete after one epoch: time what training then sees
+    for _ in range(steps_per_epoch):
+      next(batches)
+  for _ in range(warmup + 1):
+    state, metrics = train_step(state, fixed, rng)
+  jax.block_until_ready(metrics)
+
+  def timed(next_batch):
+    nonlocal state
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = train_step(state, next_batch(), rng)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) / steps
+
+  alone, loop = [], []
+  for _ in range(2):
+    alone.append(timed(lambda: fixed))
+    loop.append(timed(lambda: next(batches)))
+  step_s, loop_s = min(alone), min(loop)
+  return {
+      "mode": "loop",
+      "sec_per_step_alone": step_s,
+      "sec_per_step_loop": loop_s,
+      "waiting_fraction": max(0.0, 1 - step_s / loop_s),
+      "rounds": {"alone": alone, "loop": loop},
+      "images_per_sec": config.batch_size / loop_s,
+      "steps": steps,
+      "batch_size": config.batch_size,
+      "image_size": config.data.crop_size,
+      "source": config.data.source,
+      "cache": config.data.cache,
+      "devices": jax.local_device_count(),
+      "backend": jax.default_backend(),
+      "cores": _num_cores(),
+      "loadavg_1m": os.getloadavg()[0],
+  }
+
+
+def _num_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:   # not on Linux
+    return os.cpu_count() or 1
 
 
 # The accelerator check: (batch sizes, steps timed per run, steps of the training run).
@@ -306,7 +398,14 @@ def _checked_training(config: ml_collections.ConfigDict, steps: int) -> dict[str
 
 def _summary(result: dict[str, Any]) -> str:
   if result["mode"] == "pipeline":
-    return f"input pipeline: {result['images_per_sec']:.1f} images/s"
+    return (f"input pipeline: {result['pairs_per_sec']:.0f} pairs/s "
+            f"({result['pairs_per_sec_per_core']:.0f} per core), "
+            f"{result['fraction_of_decode_only']:.2f} of decoding alone "
+            f"({result['decode_only_pairs_per_sec']:.0f} pairs/s)")
+  if result["mode"] == "loop":
+    return (f"training loop: {result['sec_per_step_loop']:.4f} s/step against "
+            f"{result['sec_per_step_alone']:.4f} for the step alone; waiting for data "
+            f"{100 * result['waiting_fraction']:.1f}% of the time")
   if result["mode"] == "check":
     return (f"accelerator check on {result['device_kind']}: {len(result['runs'])} runs, "
             f"{len(result['failures'])} failure(s)")
@@ -322,11 +421,12 @@ FLAGS = flags.FLAGS   # the flags themselves are defined by `_define_flags`, run
 
 def _define_flags() -> None:
   # Defined only when run as a program, so that the module imports anywhere.
-  flags.DEFINE_enum("mode", "step", ["step", "pipeline", "check"],
-                    "Time the train step, the input pipeline alone, or run the accelerator check.")
+  flags.DEFINE_enum("mode", "step", ["step", "pipeline", "loop", "check"],
+                    "Time the train step, the input pipeline alone, the training loop against "
+                    "the step, or run the accelerator check.")
   flags.DEFINE_bool("smoke", False, "check mode: smaller batches and fewer steps (for a CPU).")
-  flags.DEFINE_integer("steps", 10, "Timed steps (step mode) or batches (pipeline mode).")
-  flags.DEFINE_integer("warmup", 2, "Untimed steps run after compiling (step mode).")
+  flags.DEFINE_integer("steps", 10, "Timed steps (step, loop) or batches (pipeline mode).")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps run after compiling (step, loop).")
   config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
   flags.mark_flags_as_required(["config"])
 
@@ -338,8 +438,11 @@ def main(argv):
     result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup)
   elif FLAGS.mode == "check":
     result = run_check(FLAGS.config, smoke=FLAGS.smoke)
-  else:
+  elif FLAGS.mode == "loop":
     devices.hide_accelerators_from_tensorflow()   # the pipeline reads through TensorFlow
+    result = run_loop(FLAGS.config, FLAGS.steps, FLAGS.warmup)
+  else:
+    devices.hide_accelerators_from_tensorflow()
     result = run_pipeline(FLAGS.config, FLAGS.steps)
   logging.info(_summary(result))
   print(json.dumps(result), flush=True)

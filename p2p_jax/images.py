@@ -10,10 +10,28 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+LUMA = (0.299, 0.587, 0.114)      # ITU-R 601, as PIL's convert("L") weighs the channels
+
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
   """[..., H, W, C] in [-1, 1] -> uint8; one channel is kept as [H, W, 1]."""
   return np.round((np.clip(np.asarray(image, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def resize(image: np.ndarray, size: tuple[int, int],
+           resample: int = Image.BICUBIC) -> np.ndarray:
+  """uint8 [h, w(, C)] to [size[0], size[1](, C)] by PIL (bicubic: overshoot clipped to 0..255)."""
+  if tuple(image.shape[:2]) == tuple(size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size[1], size[0]), resample))
+
+
+def to_float(image: np.ndarray, channels: int) -> np.ndarray:
+  """uint8 [H, W, 3] to float32 [H, W, channels] in [-1, 1]; one channel is the ITU-R 601 luma."""
+  pixels = image.astype(np.float32)
+  if channels == 1:
+    pixels = np.einsum("hwc,c->hw", pixels, np.array(LUMA, np.float32))[..., None]
+  return (pixels - 127.5) / 127.5
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:

@@ -31,7 +31,6 @@ from p2p_jax import images
 from p2p_jax import monitoring
 from p2p_jax.datasets.errors import DataError
 from p2p_jax.datasets import folder
-from p2p_jax.datasets import preprocess
 
 
 
@@ -50,7 +49,7 @@ def _input_files(path: str) -> list[tuple[str, str]]:
 def fit_to_network(image: np.ndarray, num_downs: int, crop_size: int, fit: str) -> np.ndarray:
   """uint8 [H, W, C] -> uint8 image whose sides the U-Net accepts."""
   if fit == "resize":
-    return preprocess.resize(image, (crop_size, crop_size))
+    return images.resize(image, (crop_size, crop_size))
   multiple = 2 ** num_downs
   height, width = image.shape[:2]
   pad_h, pad_w = (-height) % multiple, (-width) % multiple
@@ -78,12 +77,12 @@ def translate_files(workdir: str, files: list[tuple[str, str]], *, step: int = -
       continue
     height, width = image.shape[:2]
     fitted = fit_to_network(image, config.model.num_downs, config.data.crop_size, fit)
-    real_a = preprocess.to_float(fitted, config.model.input_nc)[None]
+    real_a = images.to_float(fitted, config.model.input_nc)[None]
     fake_b = evaluate.translate_images(state, real_a, jax.random.fold_in(rng, index),
                                        deterministic=deterministic)
     out = images.to_uint8(np.asarray(fake_b)[0])
     if fit == "resize":
-      out = preprocess.resize(out if out.shape[-1] == 3 else out[..., 0], (height, width))
+      out = images.resize(out if out.shape[-1] == 3 else out[..., 0], (height, width))
       out = out.reshape(height, width, -1)
     else:
       out = out[:height, :width]

@@ -28,6 +28,7 @@ from jax import lax
 from p2p_jax import devices
 from p2p_jax import losses
 from p2p_jax import models
+from p2p_jax.datasets.preprocess import Preprocess
 from p2p_jax.ops import choose
 
 AXIS_NAME = devices.AXIS_NAME
@@ -243,19 +244,35 @@ def eval_step(state: TrainState, real_a: jax.Array, rng: jax.Array, *,
   return jax.vmap(translate_one)(real_a, keys)
 
 
+def preprocessed_train_step(prep: Preprocess, state: TrainState, batch: dict[str, jax.Array],
+                            rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`train_step` on a batch of the input pipeline: uint8 pairs, jittered here by `prep`.
+
+  `batch` is {'image_a', 'image_b': uint8 [B, H, W, 3], 'epoch', 'index': int32
+  [B]}; the resize, crop, flip and scaling run in the same compiled function
+  as the step.
+  """
+  real_a, real_b = prep.train(batch)
+  return train_step(state, {"real_a": real_a, "real_b": real_b}, rng)
+
+
 @functools.lru_cache(maxsize=None)
-def _pmapped_train_step(donate: bool, local_devices: tuple[jax.Device, ...] | None) -> Callable:
-  return jax.pmap(train_step, axis_name=AXIS_NAME, in_axes=(0, 0, None),
+def _pmapped_train_step(donate: bool, local_devices: tuple[jax.Device, ...] | None,
+                        prep: Preprocess | None) -> Callable:
+  step = train_step if prep is None else functools.partial(preprocessed_train_step, prep)
+  return jax.pmap(step, axis_name=AXIS_NAME, in_axes=(0, 0, None),
                   donate_argnums=(0,) if donate else (), devices=local_devices)
 
 
-def pmap_train_step(donate: bool = True, local_devices: list[jax.Device] | None = None
-                    ) -> Callable:
-  """`train_step` compiled under pmap over `local_devices` (default: all local devices).
+def pmap_train_step(donate: bool = True, local_devices: list[jax.Device] | None = None,
+                    prep: Preprocess | None = None) -> Callable:
+  """The step compiled under pmap over `local_devices` (default: all local devices).
 
-  The state is donated: its buffers are reused for the new state.
+  With `prep`, it takes the input pipeline's uint8 batches
+  (`preprocessed_train_step`); without, float batches of real_a / real_b. The
+  state is donated: its buffers are reused for the new state.
   """
-  return _pmapped_train_step(donate, tuple(local_devices) if local_devices else None)
+  return _pmapped_train_step(donate, tuple(local_devices) if local_devices else None, prep)
 
 
 def trace_layers(config: ml_collections.ConfigDict, per_device_batch: int

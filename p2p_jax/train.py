@@ -8,6 +8,8 @@ saves checkpoints.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import ml_collections
 import numpy as np
@@ -23,6 +25,7 @@ from p2p_jax import images
 from p2p_jax import input_pipeline
 from p2p_jax import monitoring
 from p2p_jax import step as step_lib
+from p2p_jax.datasets.preprocess import Preprocess
 
 
 def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int | None = None) -> int:
@@ -45,12 +48,19 @@ def _schedule_steps_per_epoch(config: ml_collections.ConfigDict, steps_per_epoch
   return steps_per_epoch
 
 
+@functools.lru_cache(maxsize=4)
+def _pmapped_jitter(prep: Preprocess):
+  return jax.pmap(prep.train)
+
+
 def _write_samples(writer: metric_writers.MetricWriter, step: int, state: step_lib.TrainState,
-                   batch: dict[str, jax.Array], seed: int) -> None:
+                   batch: dict[str, jax.Array], prep: Preprocess, seed: int) -> None:
+  """input | output | target of the batch just trained on, as the step saw it."""
   translate = evaluate_lib.pmapped_translate(False)
   keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), step), jax.local_device_count())
-  fake_b, _ = translate(state, batch["real_a"], batch["real_b"], keys)
-  host = jax.device_get({"real_a": batch["real_a"], "fake_b": fake_b, "real_b": batch["real_b"]})
+  real_a, real_b = _pmapped_jitter(prep)(batch)
+  fake_b, _ = translate(state, real_a, real_b, keys)
+  host = jax.device_get({"real_a": real_a, "fake_b": fake_b, "real_b": real_b})
   flat = {k: np.asarray(v).reshape((-1,) + v.shape[2:]) for k, v in host.items()}
   grid = images.sample_grid(flat["real_a"], flat["fake_b"], flat["real_b"])
   writer.write_images(step, {"samples/input_output_target": grid[None]})
@@ -94,7 +104,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   state = devices.replicate(state)
   train_iter = input_pipeline.create_train_iterator(config, start_step=initial_step)
-  p_train_step = step_lib.pmap_train_step()
+  prep = Preprocess.from_config(config)
+  p_train_step = step_lib.pmap_train_step(prep=prep)
   step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   window, unchecked = monitoring.MetricWindow(), monitoring.MetricWindow()
@@ -112,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         unchecked = monitoring.MetricWindow()
         writer.write_scalars(step, {f"train/{k}": v for k, v in window.average().items()})
       if config.image_every_steps > 0 and (step % config.image_every_steps == 0 or last_step):
-        _write_samples(writer, step, state, batch, config.seed)
+        _write_samples(writer, step, state, batch, prep, config.seed)
       if config.eval_every_steps > 0 and (step % config.eval_every_steps == 0 or last_step):
         result = evaluate_lib.evaluate_split(state, config, config.data.eval_split,
                                              deterministic=config.eval.deterministic,

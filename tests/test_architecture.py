@@ -131,7 +131,7 @@ LAYERS = (
     ("p2p_jax.evaluate",),
     ("p2p_jax.train",),
     ("p2p_jax.main", "p2p_jax.predict", "p2p_jax.bench", "p2p_jax.convert_torch",
-     "p2p_jax.ablate"),
+     "p2p_jax.ablate", "p2p_jax.data_service"),
 )
 
 

@@ -76,22 +76,35 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused():
     bench.run(config, steps=1)
 
 
-def test_cli_prints_one_json_object_last_in_both_modes(tmp_path):
+def test_cli_prints_one_json_object_last_in_every_timing_mode(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              JAX_DISABLE_MOST_OPTIMIZATIONS="1",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  for mode, extra in (("step", ["--config.batch_size=2"]), ("pipeline", [])):
+  for mode, extra in (("step", ["--config.batch_size=2"]), ("pipeline", []),
+                      ("loop", ["--config.batch_size=2", "--config.data.cache=memory"])):
     out = subprocess.run(
         [sys.executable, "-m", "p2p_jax.bench", "--config=configs/edges2shoes.py:smoke",
          f"--mode={mode}", "--steps=2", "--warmup=0", *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["mode"] == mode and result["images_per_sec"] > 0
+    assert result["mode"] == mode
     if mode == "step":
       assert set(_FIELDS) <= set(result) and result["devices"] == 2
-    else:
+      assert result["images_per_sec"] > 0
+    elif mode == "pipeline":
       assert result["source"] == "synthetic" and result["batches"] == 2
+      assert result["pairs_per_sec"] > 0 and result["decode_only_pairs_per_sec"] > 0
+      assert result["fraction_of_decode_only"] == pytest.approx(
+          result["pairs_per_sec"] / result["decode_only_pairs_per_sec"])
+      assert result["pairs_per_sec_per_core"] * result["cores"] == pytest.approx(
+          result["pairs_per_sec"])
+      assert len(result["rounds"]["pipeline"]) == 2
+    else:
+      assert result["devices"] == 2 and result["cache"] == "memory"
+      assert 0 < result["sec_per_step_alone"] and 0 < result["sec_per_step_loop"]
+      assert result["waiting_fraction"] == pytest.approx(
+          max(0.0, 1 - result["sec_per_step_alone"] / result["sec_per_step_loop"]))
 
 
 @pytest.mark.parametrize("device_kind,name,bf16,fp32", [

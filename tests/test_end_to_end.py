@@ -19,8 +19,8 @@ from PIL import Image
 from configs import default
 from p2p_jax import checkpoints
 from p2p_jax import evaluate
-from p2p_jax import input_pipeline
 from p2p_jax import monitoring
+from p2p_jax import step as step_lib
 from p2p_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,14 +167,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  real_iterator = input_pipeline.create_train_iterator
-  def poisoned(config, *, start_step=0, **kwargs):
-    for step, batch in enumerate(real_iterator(config, start_step=start_step, **kwargs),
-                                 start_step + 1):
-      if step == 3:
-        batch = dict(batch, real_b=batch["real_b"] * np.nan)
-      yield batch
-  monkeypatch.setattr(input_pipeline, "create_train_iterator", poisoned)
+  real_step = step_lib.pmap_train_step
+  def poisoned(*args, **kwargs):
+    """The real step, whose third update goes wrong: its state and losses become NaN."""
+    compiled, calls = real_step(*args, **kwargs), []
+    def run(state, batch, rng):
+      calls.append(None)
+      state, metrics = compiled(state, batch, rng)
+      if len(calls) == 3:
+        state, metrics = jax.tree.map(lambda x: x * np.nan if x.dtype.kind == "f" else x,
+                                      (state, metrics))
+      return state, metrics
+    return run
+  monkeypatch.setattr(step_lib, "pmap_train_step", poisoned)
   workdir = str(tmp_path / "nan")
   config = _smoke_config(num_train_steps=8, log_every_steps=4, checkpoint_every_steps=2)
   with pytest.raises(monitoring.NonFiniteLossError, match=r"step 3: .*G_L1=nan") as error:

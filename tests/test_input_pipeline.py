@@ -1,6 +1,9 @@
 """The input pipeline: batch layout, jitter, order, resumption, the per-host split, eval."""
 
+import functools
 import itertools
+import logging
+import os
 import sys
 import types
 
@@ -14,16 +17,27 @@ import p2p_jax.datasets
 from p2p_jax import input_pipeline
 from p2p_jax.datasets import DataError
 from p2p_jax.datasets import synthetic
+from p2p_jax.datasets.preprocess import Preprocess
 from tests.test_folder_source import SIZE, folder_config, noise, save, write_aligned
 
 
-def host_rows(batch):
-  """[devices, per_device, ...] device arrays -> [devices * per_device, ...] numpy."""
+@functools.lru_cache(maxsize=None)
+def _jitter(prep):
+  return jax.pmap(prep.train)
+
+
+def host_rows(config, batch):
+  """A train batch as host rows [devices * per_device, ...], with the networks' inputs
+  'real_a' / 'real_b' made by the jitter the training step runs."""
+  real_a, real_b = _jitter(Preprocess.from_config(config))(batch)
+  batch = dict(batch, real_a=real_a, real_b=real_b)
   return {key: np.asarray(value).reshape((-1,) + value.shape[2:]) for key, value in batch.items()}
 
 
-def take(iterator, count):
-  return [host_rows(batch) for batch in itertools.islice(iterator, count)]
+def take(config, count, **kwargs):
+  """The first `count` train batches, as `host_rows`."""
+  iterator = input_pipeline.create_train_iterator(config, **kwargs)
+  return [host_rows(config, batch) for batch in itertools.islice(iterator, count)]
 
 
 def indexed_folder(root, count):
@@ -41,15 +55,21 @@ def test_tensorflow_sees_no_accelerator():
   assert tf.config.get_visible_devices("GPU") == []
 
 
-def test_train_batches_are_sharded_floats_in_range():
+def test_train_batches_are_sharded_uint8_pairs_with_their_examples():
   config = default.get_config("smoke")
   config.model.output_nc = 1
   batch = next(input_pipeline.create_train_iterator(config))
-  assert set(batch) == {"real_a", "real_b"}
-  assert batch["real_a"].shape == (8, 1, 32, 32, 3) and batch["real_b"].shape == (8, 1, 32, 32, 1)
+  assert set(batch) == {"image_a", "image_b", "index", "epoch"}
+  assert batch["image_a"].shape == batch["image_b"].shape == (8, 1, 32, 32, 3)
+  assert batch["image_a"].dtype == np.uint8 and batch["index"].dtype == np.int32
+  assert np.asarray(batch["epoch"]).tolist() == [[0]] * 8
+  assert len(set(np.asarray(batch["index"]).ravel().tolist())) == 8
+  rows = host_rows(config, batch)
+  assert rows["real_a"].shape == (8, 32, 32, 3) and rows["real_b"].shape == (8, 32, 32, 1)
+  for key in ("real_a", "real_b"):
+    assert rows[key].dtype == np.float32
+    assert -1 <= float(rows[key].min()) < float(rows[key].max()) <= 1
   for value in batch.values():
-    assert value.dtype == np.float32
-    assert -1 <= float(value.min()) < float(value.max()) <= 1
     assert value.sharding.mesh.axis_names == ("batch",)
     assert list(value.sharding.mesh.devices.flat) == jax.local_devices()
     assert value.sharding.spec == jax.sharding.PartitionSpec("batch")
@@ -73,15 +93,16 @@ def test_batch_size_must_split_over_the_devices():
 
 def test_resumed_iterator_continues_the_unbroken_run_across_epochs():
   config = default.get_config("smoke")      # 32 examples, batch 8: 4 steps per epoch
-  unbroken = take(input_pipeline.create_train_iterator(config), 10)
-  resumed = take(input_pipeline.create_train_iterator(config, start_step=3), 7)
+  unbroken = take(config, 10)
+  resumed = take(config, 7, start_step=3)
   for expected, got in zip(unbroken[3:], resumed):
-    np.testing.assert_array_equal(got["real_a"], expected["real_a"])
-    np.testing.assert_array_equal(got["real_b"], expected["real_b"])
+    for key in ("real_a", "real_b", "index", "epoch"):
+      np.testing.assert_array_equal(got[key], expected[key])
   # Epochs differ: another order and other jitter.
   assert not np.array_equal(unbroken[0]["real_b"], unbroken[4]["real_b"])
+  assert sorted(np.concatenate([b["index"] for b in unbroken[:4]]).tolist()) == list(range(32))
   config.seed = 1
-  other_seed = take(input_pipeline.create_train_iterator(config), 1)
+  other_seed = take(config, 1)
   assert not np.array_equal(other_seed[0]["real_b"], unbroken[0]["real_b"])
 
 
@@ -89,11 +110,10 @@ def test_two_processes_together_see_the_one_process_global_batch(tmp_path):
   indexed_folder(tmp_path, 36)       # 36 = 2 global batches of 16 + a remainder of 4
   config = folder_config(tmp_path, preprocess="crop", crop_size=32)
   config.batch_size = 16
-  one = take(input_pipeline.create_train_iterator(config, process_index=0, process_count=1), 4)
-  parts = [take(input_pipeline.create_train_iterator(
-      config, process_index=p, process_count=2, start_step=1), 3) for p in range(2)]
+  one = take(config, 4, process_index=0, process_count=1)
+  parts = [take(config, 3, process_index=p, process_count=2, start_step=1) for p in range(2)]
   for step in range(1, 4):
-    for key in ("real_a", "real_b"):
+    for key in ("real_a", "real_b", "index"):
       joined = np.concatenate([parts[0][step - 1][key], parts[1][step - 1][key]])
       np.testing.assert_array_equal(joined, one[step][key])
   for epoch in range(2):
@@ -108,9 +128,9 @@ def test_two_processes_together_see_the_one_process_global_batch(tmp_path):
 
 def test_direction_swaps_input_and_target():
   config = default.get_config("smoke")
-  a_to_b = take(input_pipeline.create_train_iterator(config), 2)
+  a_to_b = take(config, 2)
   config.data.direction = "BtoA"
-  b_to_a = take(input_pipeline.create_train_iterator(config), 2)
+  b_to_a = take(config, 2)
   for forward, backward in zip(a_to_b, b_to_a):
     np.testing.assert_array_equal(forward["real_a"], backward["real_b"])
     np.testing.assert_array_equal(forward["real_b"], backward["real_a"])
@@ -123,7 +143,7 @@ def test_a_and_b_get_the_same_crop_and_flip(tmp_path, preprocess):
   write_aligned(tmp_path, "train", images_a, [255 - a for a in images_a])   # B = 255 - A
   config = folder_config(tmp_path, preprocess=preprocess, load_size=40)
   flips, offsets = set(), set()
-  for rows in take(input_pipeline.create_train_iterator(config), 4):
+  for rows in take(config, 4):
     # Bicubic resizing commutes with 255 - x up to rounding: one grey level.
     np.testing.assert_allclose(rows["real_b"], -rows["real_a"], atol=1 / 127.5 + 1e-6)
     if preprocess == "crop":
@@ -142,19 +162,16 @@ def test_a_and_b_get_the_same_crop_and_flip(tmp_path, preprocess):
     assert flips == {False, True} and len(offsets) > 4
 
 
-def test_preprocess_modes_for_non_square_images(tmp_path):
+def test_preprocess_modes_for_non_square_images(tmp_path, caplog):
   rng = np.random.default_rng(10)
   write_aligned(tmp_path / "wide", "train", [noise(rng, 32, 64) for _ in range(8)],
                 [noise(rng, 32, 64) for _ in range(8)])
   config = folder_config(tmp_path / "wide", preprocess="none")
-  assert host_rows(next(input_pipeline.create_train_iterator(config)))["real_a"].shape == (
-      8, 32, 64, 3)
+  assert take(config, 1)[0]["real_a"].shape == (8, 32, 64, 3)
   config = folder_config(tmp_path / "wide", preprocess="scale_width_and_crop", load_size=48)
-  assert host_rows(next(input_pipeline.create_train_iterator(config)))["real_b"].shape == (
-      8, 32, 32, 3)
+  assert take(config, 1)[0]["real_b"].shape == (8, 32, 32, 3)
   config = folder_config(tmp_path / "wide", preprocess="scale_width", load_size=64)
-  assert host_rows(next(input_pipeline.create_train_iterator(config)))["real_a"].shape == (
-      8, 32, 64, 3)
+  assert take(config, 1)[0]["real_a"].shape == (8, 32, 64, 3)
   eval_batch = next(input_pipeline.create_eval_iterator(config, "train"))
   assert eval_batch["real_a"].shape == (8, 32, 64, 3)     # the training scale, uncropped
   config.data.load_size = 48
@@ -167,7 +184,7 @@ def test_preprocess_modes_for_non_square_images(tmp_path):
   with pytest.raises(DataError, match=r"is 40x40 \(WxH\).*multiples of 32.*"
                      "preprocess=resize_and_crop") as info:
     next(input_pipeline.create_train_iterator(config))
-  assert info.value.path in paths
+  assert info.value.path == paths[0]     # the image that sets the split's size
   config = folder_config(tmp_path / "odd", preprocess="crop", crop_size=64)
   config.model.num_downs = 6
   with pytest.raises(DataError, match=r"is 40x40 \(WxH\), smaller than the 64x64 crop"):
@@ -177,8 +194,11 @@ def test_preprocess_modes_for_non_square_images(tmp_path):
     save(tmp_path / "wide" / "train" / f"{i:03d}.png", noise(rng, 32, 128))
   save(tmp_path / "wide" / "train" / "zz.png", noise(rng, 64, 128))   # 16 images: 2 batches
   config = folder_config(tmp_path / "wide", preprocess="none")
-  with pytest.raises(DataError, match=r"becomes a \d+x\d+ .*all batches need one size"):
-    take(input_pipeline.create_train_iterator(config), 2)
+  with caplog.at_level(logging.WARNING):
+    batches = take(config, 2)     # one epoch
+  assert all(batch["image_a"].shape == (8, 32, 64, 3) for batch in batches)
+  assert any("Epoch 0 of split 'train': 1 image(s) were not 64x32 (WxH)" in r.getMessage()
+             for r in caplog.records)
 
 
 def test_eval_pass_is_deterministic_padded_and_split_over_processes(tmp_path):
@@ -241,8 +261,8 @@ def test_tfds_source_streams_shards_and_resumes(monkeypatch):
   assert input_pipeline.num_examples(config, "train") == 20
   assert input_pipeline.steps_per_epoch(config) == 2
 
-  unbroken = take(input_pipeline.create_train_iterator(config), 5)
-  resumed = take(input_pipeline.create_train_iterator(config, start_step=3), 2)
+  unbroken = take(config, 5)
+  resumed = take(config, 2, start_step=3)
   for expected, got in zip(unbroken[3:], resumed):
     np.testing.assert_array_equal(got["real_a"], expected["real_a"])
   np.testing.assert_allclose(unbroken[0]["real_b"], -unbroken[0]["real_a"], atol=1 / 127.5 + 1e-6)
@@ -251,11 +271,76 @@ def test_tfds_source_streams_shards_and_resumes(monkeypatch):
     assert len(set(seen.tolist())) == 16 and set(seen.tolist()) <= set(range(20))
 
   config.batch_size = 16
-  parts = [example_indices(take(input_pipeline.create_train_iterator(
-      config, process_index=p, process_count=2), 1)[0]) for p in range(2)]
+  parts = [example_indices(take(config, 1, process_index=p, process_count=2)[0])
+           for p in range(2)]
   assert not set(parts[0].tolist()) & set(parts[1].tolist())
 
   config.eval.batch_size = 4
   batches = list(input_pipeline.create_eval_iterator(config, process_index=1, process_count=2))
   assert [batch["name"].tolist() for batch in batches] == [["1.jpg", "3.jpg", "5.jpg", ""]]
   assert batches[0]["mask"].tolist() == [True, True, True, False]
+
+
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_cache_gives_the_batches_of_an_uncached_run(tmp_path, kind):
+  indexed_folder(tmp_path / "data", 20)     # batch 8: 2 steps per epoch, 4 examples left over
+  config = folder_config(tmp_path / "data", preprocess="crop", crop_size=32)
+  plain = take(config, 7)
+  path = str(tmp_path / "cache" / "pairs.npy")
+  config.data.cache = "memory" if kind == "memory" else path
+  cached = take(config, 7)                  # 3.5 epochs: the cache is read from epoch 1 on
+  for expected, got in zip(plain, cached):
+    for key in ("real_a", "real_b", "index", "epoch"):
+      np.testing.assert_array_equal(got[key], expected[key])
+  if kind == "memory":
+    return
+  assert os.path.exists(path) and not os.path.exists(path + ".partial")
+  # The next run reads the file: the images it would decode are gone.
+  for name in sorted(os.listdir(tmp_path / "data" / "train"))[1:]:
+    with open(tmp_path / "data" / "train" / name, "wb") as f:
+      f.write(b"overwritten")
+  again = take(config, 3, start_step=4)
+  for expected, got in zip(plain[4:], again):
+    np.testing.assert_array_equal(got["real_a"], expected["real_a"])
+
+
+def test_a_cache_file_left_half_written_is_made_again(tmp_path, caplog):
+  indexed_folder(tmp_path / "data", 20)
+  config = folder_config(tmp_path / "data", preprocess="crop", crop_size=32)
+  config.data.cache = path = str(tmp_path / "pairs.npy")
+  take(config, 1)                           # stopped inside the first epoch
+  assert os.path.exists(path + ".partial") and not os.path.exists(path)
+  take(config, 4)
+  assert os.path.exists(path) and not os.path.exists(path + ".partial")
+  # Another dataset under the same path: the key differs, so the file is made again.
+  save(tmp_path / "data" / "train" / "999.png", np.zeros((SIZE, 2 * SIZE, 3), np.uint8))
+  with caplog.at_level(logging.WARNING):
+    take(config, 1)
+  assert any("was made from other data" in r.getMessage() for r in caplog.records)
+  config.data.cache = ""
+  uncached = take(config, 4)
+  # The remade cache holds the new image: from epoch 1 on it serves the uncached batches.
+  config.data.cache = path
+  for expected, got in zip(uncached, take(config, 4)):
+    np.testing.assert_array_equal(got["real_a"], expected["real_a"])
+  assert os.path.exists(path)
+
+
+def test_the_tf_data_service_gives_the_same_batches_and_trains_through_it(tmp_path):
+  from p2p_jax import data_service
+  from p2p_jax import train
+  dispatcher = data_service.start_dispatcher()
+  workers = [data_service.start_worker(dispatcher.target) for _ in range(2)]
+  config = default.get_config("smoke")
+  plain = take(config, 6)
+  config.data.service_address = dispatcher.target
+  served = take(config, 6)
+  for expected, got in zip(plain, served):
+    for key in ("image_a", "image_b", "index", "epoch"):
+      np.testing.assert_array_equal(got[key], expected[key])
+  resumed = take(config, 2, start_step=4)
+  np.testing.assert_array_equal(resumed[0]["real_a"], plain[4]["real_a"])
+  config.num_train_steps, config.image_every_steps, config.log_every_steps = 2, 0, 1
+  state = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert int(state.step) == 2
+  assert workers and all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.generator.params))

@@ -277,3 +277,22 @@ def test_local_passes_sigterm_on_to_every_process(fake_main, tmp_path):
   process.send_signal(signal.SIGTERM)
   assert process.wait(timeout=60) == 130
   assert sorted(os.listdir(out)) == ["0", "0.stopped", "1", "1.stopped"]
+
+
+DATA_SERVICE = os.path.join(LAUNCH, "data_service.sh")
+
+
+def test_data_service_starts_workers_for_the_dispatcher_and_prints_the_flag():
+  result = _run(DATA_SERVICE, "workers", "cpu-1", "cpu-2", DRY_RUN="1", DISPATCHER="tpu-0:6000")
+  commands = _commands(result)
+  assert [argv[:2] for argv in commands] == [["ssh", "cpu-1"], ["ssh", "cpu-2"]]
+  remote = shlex.split(commands[0][2])
+  assert remote[:3] == ["cd", "p2p_jax", "&&"] and "p2p_jax.data_service" in remote
+  assert "--dispatcher=tpu-0:6000" in remote and "--port=5051" in remote
+  (dispatcher,) = _commands(_run(DATA_SERVICE, "dispatcher", DRY_RUN="1", PORT="6000"))
+  assert dispatcher == ["python3", "-m", "p2p_jax.data_service", "--port=6000"]
+  (flag,) = _commands(_run(DATA_SERVICE, "flag", DISPATCHER="tpu-0:6000"))
+  assert flag == ["--config.data.service_address=grpc://tpu-0:6000"]
+  for args in ((), ("workers",), ("launch",)):
+    bad = _run(DATA_SERVICE, *args)
+    assert bad.returncode == 2 and "Environment" in bad.stderr

@@ -8,9 +8,11 @@ relative path; the extensions may differ (A/1.jpg pairs with B/1.png). Files
 are listed recursively and sorted by relative path, so the order (and thus a
 seeded shuffle) is the same on every machine.
 
-Every image is decoded to uint8 [H, W, 3] RGB with PIL: grayscale, palette and
-RGBA images are made RGB (alpha dropped), 16-bit images are scaled to 0..255.
-Anything unreadable raises `DataError` naming the file.
+Every image is decoded to uint8 [H, W, 3] RGB: grayscale, palette and RGBA
+images are made RGB (alpha dropped), 16-bit images are scaled to 0..255.
+`read_image` decodes with PIL and raises `DataError` naming any file it cannot
+read; `tf_decode` is the same decoding in TensorFlow ops, for the input
+pipeline's graph, for the formats TensorFlow reads (`TF_EXTENSIONS`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from PIL import UnidentifiedImageError
 from p2p_jax.datasets.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+TF_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -111,6 +114,31 @@ def read_image(path: str) -> np.ndarray:
   except Exception as error:   # PIL raises OSError, SyntaxError, ValueError, ... on bad data
     raise DataError(path, f"is a corrupt or truncated image ({type(error).__name__}: "
                     f"{error})") from None
+
+
+def tf_decode(data):
+  """TF: the bytes of a JPEG, PNG or BMP file as uint8 [H, W, 3], decoded as `read_image` does.
+
+  JPEGs use libjpeg's accurate integer DCT (PIL's default); PNGs are decoded at
+  16 bits and scaled by 1/257, rounded, which is exact for 8-bit files and the
+  scaling `read_image` applies to 16-bit ones.
+  """
+  import tensorflow as tf
+
+  def jpeg():
+    return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+
+  def png():
+    wide = tf.cast(tf.io.decode_png(data, channels=3, dtype=tf.uint16), tf.float32)
+    return tf.cast(tf.round(wide / 257.0), tf.uint8)
+
+  def other():
+    return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+  is_png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n")
+  image = tf.cond(tf.io.is_jpeg(data), jpeg, lambda: tf.cond(is_png, png, other))
+  image.set_shape([None, None, 3])
+  return image
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

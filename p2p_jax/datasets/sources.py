@@ -1,28 +1,29 @@
 """The three sources of paired examples, behind one small interface.
 
-A source is opened for one split and knows its length; `epoch_items` yields
-this process's examples of one pass over it, as (index in the split, Example
-or None), and `load(index)` gives the Example of an index that came as None.
-Each source decides how a pass is ordered and split over processes:
+A source is opened for one split and knows its length. Its pairs reach the
+input pipeline's tf.data graph in one of two ways:
 
-- `SyntheticSource` and `FolderSource` are random access. A training epoch
-  visits the split in the permutation `np.random.default_rng((seed, epoch))`,
-  cut into global batches; process p of P takes the p-th contiguous slice of
-  each. The items come without their images (None): the pipeline's workers
-  load them in parallel.
-- `TfdsSource` is a tf.data stream: process p reads every P-th record,
-  shuffled per epoch in a seeded buffer, and yields decoded Examples.
+- `SyntheticSource` and `FolderSource` are random access: `decode(index)` is a
+  TF function from an index in the split to the example's uint8 images, which
+  the pipeline maps over the indices of an epoch. Folder images are read and
+  decoded by TensorFlow (JPEG with the accurate integer DCT, as libjpeg
+  decodes them for PIL; PNG at 16 bits and scaled as `folder.read_image`
+  scales); files TensorFlow cannot decode (TIFF, WebP, PPM, and any it fails
+  on, such as CMYK JPEGs) go through PIL, in `tf.numpy_function`. Synthetic
+  pairs are rendered by numpy, in `tf.numpy_function`.
+- `TfdsSource` is a tf.data stream of decoded records: `records(p, P)` gives
+  process p of P every P-th record, from the p-th.
 
-An evaluation pass (`epoch=None`) is in order: random-access sources give
-process p the p-th contiguous part of the split, tfds every P-th record.
+`load(index)` decodes one example with PIL and numpy, outside TensorFlow: the
+pipeline uses it to name the file behind a failed decode, and to check the
+first example when a split is opened.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-from typing import Iterator
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -45,12 +46,11 @@ class Example:
   labels: np.ndarray | None = None
 
 
-Item = tuple[int, "Example | None"]   # (index in the split, the example or None: load it)
-
-
 class _RandomAccessSource:
-  """A source with `load(index)`: passes are orders of indices, loaded by the pipeline."""
-  _seed: int
+  """A source with `decode(index)` in TensorFlow and `load(index)` outside it."""
+  random_access = True
+  has_labels = False
+  description: str     # what the split is, for messages and the cache's key
 
   def __len__(self) -> int:
     raise NotImplementedError
@@ -58,25 +58,36 @@ class _RandomAccessSource:
   def load(self, index: int) -> Example:
     raise NotImplementedError
 
-  def epoch_items(self, epoch: int | None, process_index: int, process_count: int, *,
-                  batch_size: int = 1, skip_batches: int = 0) -> Iterator[Item]:
-    """This process's (index, None) items of training `epoch`, or of an evaluation pass.
+  def names(self) -> list[str]:
+    """Every example's name, in index order (the cache's key)."""
+    raise NotImplementedError
 
-    Training: the seeded permutation of the epoch, cut into global batches of
-    `batch_size` (the remainder dropped), `skip_batches` of them skipped; this
-    process's contiguous batch_size / process_count slice of each.
-    Evaluation (`epoch=None`): the p-th contiguous part of the split, in order.
+  def decode(self, index: Any, use_pil: Any) -> dict[str, Any]:
+    """TF: {'image_a', 'image_b': uint8 [H, W, 3]} (and 'labels' uint8 [H, W]) of `index`.
+
+    `use_pil` (a bool tensor) routes the example through `load`, in
+    `tf.numpy_function`, instead of TensorFlow's decoders.
     """
-    if epoch is None:
-      part = math.ceil(len(self) / process_count)
-      first = min(len(self), process_index * part)
-      yield from ((index, None) for index in range(first, min(len(self), first + part)))
-      return
-    order = np.random.default_rng((self._seed, epoch)).permutation(len(self))
-    local = batch_size // process_count
-    end = len(self) // batch_size * batch_size
-    for start in range(skip_batches * batch_size + process_index * local, end, batch_size):
-      yield from ((int(index), None) for index in order[start:start + local])
+    raise NotImplementedError
+
+  def _numpy_decode(self, index: Any) -> dict[str, Any]:
+    """`load(index)` inside the TF graph (PIL and numpy run in tf.numpy_function)."""
+    tf = tensorflow()
+    outputs = (tf.uint8,) * (3 if self.has_labels else 2)
+
+    def load(i):
+      example = self.load(int(i))
+      arrays = (example.image_a, example.image_b)
+      return arrays + ((example.labels,) if self.has_labels else ())
+
+    arrays = tf.numpy_function(load, [index], outputs, stateful=False)
+    decoded = {"image_a": arrays[0], "image_b": arrays[1]}
+    decoded["image_a"].set_shape([None, None, 3])
+    decoded["image_b"].set_shape([None, None, 3])
+    if self.has_labels:
+      decoded["labels"] = arrays[2]
+      decoded["labels"].set_shape([None, None])
+    return decoded
 
 
 class SyntheticSource(_RandomAccessSource):
@@ -93,6 +104,7 @@ class SyntheticSource(_RandomAccessSource):
     train = split == config.data.train_split
     self._count = config.data.num_train_examples if train else config.data.num_eval_examples
     self.has_labels = synthetic.num_classes(self._task) > 0
+    self.description = f"synthetic {self._task}/{split} (seed {self._seed}, {self._size} px)"
     if self._count <= 0:
       field = "num_train_examples" if train else "num_eval_examples"
       raise ValueError(f"Synthetic split {split!r} is empty: config.data.{field}={self._count}.")
@@ -107,13 +119,18 @@ class SyntheticSource(_RandomAccessSource):
                    name=f"{index:06d}", image_a=pair["image_a"], image_b=pair["image_b"],
                    labels=pair.get("labels"))
 
+  def names(self) -> list[str]:
+    return [f"{index:06d}" for index in range(self._count)]
+
+  def decode(self, index: Any, use_pil: Any) -> dict[str, Any]:
+    return self._numpy_decode(index)   # numpy draws the pairs
+
 
 class FolderSource(_RandomAccessSource):
   """Random access to the pairs of one split of an image folder."""
-  has_labels = False
 
   def __init__(self, config: ml_collections.ConfigDict, split: str):
-    self._seed = config.seed
+    self.description = f"folder {os.path.abspath(config.data.dir)}, split {split!r}"
     self._pairs, unpaired = folder.list_pairs(config.data.dir, split)
     if unpaired and not config.data.skip_bad_images:
       more = f" ({len(unpaired) - 1} more unpaired images)" if len(unpaired) > 1 else ""
@@ -132,16 +149,45 @@ class FolderSource(_RandomAccessSource):
     image_a, image_b = folder.load_pair(pair)
     return Example(where=pair.path_a, name=pair.name, image_a=image_a, image_b=image_b)
 
+  def names(self) -> list[str]:
+    return [pair.name for pair in self._pairs]
+
+  def pil_only(self) -> np.ndarray:
+    """bool [N]: the examples with a file TensorFlow has no decoder for."""
+    def foreign(path):
+      return path is not None and not path.lower().endswith(folder.TF_EXTENSIONS)
+    return np.array([foreign(pair.path_a) or foreign(pair.path_b) for pair in self._pairs],
+                    bool)
+
+  def decode(self, index: Any, use_pil: Any) -> dict[str, Any]:
+    tf = tensorflow()
+    paths_a = tf.constant([pair.path_a for pair in self._pairs])
+    aligned = self._pairs[0].path_b is None   # one layout per split
+
+    def by_tensorflow():
+      if aligned:
+        image = folder.tf_decode(tf.io.read_file(tf.gather(paths_a, index)))
+        tf.debugging.assert_equal(tf.shape(image)[1] % 2, 0, message="an odd width")
+        half = tf.shape(image)[1] // 2
+        return {"image_a": image[:, :half], "image_b": image[:, half:]}
+      paths_b = tf.constant([pair.path_b for pair in self._pairs])
+      image_a = folder.tf_decode(tf.io.read_file(tf.gather(paths_a, index)))
+      image_b = folder.tf_decode(tf.io.read_file(tf.gather(paths_b, index)))
+      tf.debugging.assert_equal(tf.shape(image_a), tf.shape(image_b),
+                                message="A and B differ in size")
+      return {"image_a": image_a, "image_b": image_b}
+
+    return tf.cond(use_pil, lambda: self._numpy_decode(index), by_tensorflow)
+
 
 class TfdsSource:
   """A split of the `pix2pix` TFDS builder, read as a tf.data stream."""
+  random_access = False
   has_labels = False
   _sizes: dict[tuple[str, str, str], int] = {}   # counting a split can take a full pass
 
   def __init__(self, config: ml_collections.ConfigDict, split: str):
-    from p2p_jax import devices
-    devices.hide_accelerators_from_tensorflow()   # before TensorFlow's first use
-    import tensorflow as tf
+    tf = tensorflow()
     from p2p_jax.datasets import pix2pix_tfds   # loads TFDS only when this source is used
     self._seed, self._shuffle_buffer = config.seed, config.data.shuffle_buffer
     self._key = (config.data.name, split, config.data.tfds_data_dir)
@@ -151,7 +197,7 @@ class TfdsSource:
                                               config.data.tfds_data_dir or None,
                                               manual_dir=config.data.tfds_manual_dir or None)
     except tf.errors.OpError as error:
-      raise DataError(self._where, _first_line(error.message)) from None
+      raise DataError(self._where, first_line(error.message)) from None
 
   def __len__(self) -> int:
     if self._key not in self._sizes:
@@ -161,55 +207,43 @@ class TfdsSource:
       self._sizes[self._key] = count
     return self._sizes[self._key]
 
-  def load(self, index: int) -> Example:
-    raise TypeError("A tfds source is a stream: its items come with their examples.")
+  @property
+  def where(self) -> str:
+    return self._where
 
-  def epoch_items(self, epoch: int | None, process_index: int, process_count: int, *,
-                  batch_size: int = 1, skip_batches: int = 0) -> Iterator[Item]:
-    """This process's (index, Example) items of training `epoch`, or of an evaluation pass.
-
-    Training: every P-th record from the p-th, shuffled in a buffer of
-    data.shuffle_buffer with a seed fixed by (seed, epoch), as many as
-    len // batch_size local batches of batch_size / process_count take, the
-    first `skip_batches` of them skipped. Evaluation (`epoch=None`): every P-th
-    record, in order.
-    """
-    if epoch is None:
-      yield from self.stream(process_index, process_count)
-      return
-    local = batch_size // process_count
-    shuffle_seed = int(np.random.default_rng((self._seed, epoch)).integers(2 ** 31))
-    yield from self.stream(process_index, process_count, shuffle_seed=shuffle_seed,
-                           shuffle_buffer=self._shuffle_buffer, skip=skip_batches * local,
-                           take=len(self) // batch_size * local)
-
-  def stream(self, process_index: int, process_count: int, *, shuffle_seed: int | None = None,
-             shuffle_buffer: int = 1, skip: int = 0, take: int = -1
-             ) -> Iterator[tuple[int, Example]]:
-    """(index in the split, example) of this process's records: every P-th, from the p-th.
-
-    With `shuffle_seed`, the records are shuffled (in a buffer of `shuffle_buffer`)
-    in an order fixed by the seed; `take`, then `skip`, apply after the shuffle.
-    """
-    import tensorflow as tf
+  def records(self, process_index: int, process_count: int) -> Any:
+    """tf.data: {'index' int64, 'image_a', 'image_b' uint8 [H, W, 3], 'name' string} of
+    this process's records, every P-th from the p-th, in file order."""
+    tf = tensorflow()
     dataset = self._dataset.shard(process_count, process_index).enumerate()
-    if shuffle_seed is not None:
-      dataset = dataset.shuffle(max(1, shuffle_buffer), seed=shuffle_seed,
-                                reshuffle_each_iteration=False)
-    dataset = dataset.take(take).skip(skip).prefetch(tf.data.AUTOTUNE)
-    op_error = tf.errors.OpError   # held here: an unclosed stream is closed at exit, after tf
+    return dataset.map(lambda position, features: {
+        "index": position * process_count + process_index,
+        "image_a": features["image_a"], "image_b": features["image_b"],
+        "name": features["file_name"]}, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def first(self) -> Example:
+    """The split's first record, decoded."""
+    tf = tensorflow()
     try:
-      for position, features in dataset.as_numpy_iterator():
-        name = features["file_name"]
-        name = name.decode() if isinstance(name, bytes) else str(name)
-        yield int(position) * process_count + process_index, Example(
-            where=f"{self._where}, {name}", name=name, image_a=features["image_a"],
-            image_b=features["image_b"])
-    except op_error as error:
-      raise DataError(self._where, _first_line(error.message)) from None
+      features = next(iter(self._dataset.take(1).as_numpy_iterator()))
+    except StopIteration:
+      raise DataError(self._where, "is empty") from None
+    except tf.errors.OpError as error:
+      raise DataError(self._where, first_line(error.message)) from None
+    name = features["file_name"].decode()
+    return Example(where=f"{self._where}, {name}", name=name, image_a=features["image_a"],
+                   image_b=features["image_b"])
 
 
 Source = SyntheticSource | FolderSource | TfdsSource
+
+
+def tensorflow():
+  """The `tensorflow` module, imported after hiding the accelerators from it."""
+  from p2p_jax import devices
+  devices.hide_accelerators_from_tensorflow()   # before TensorFlow's first use
+  import tensorflow as tf
+  return tf
 
 
 def open_source(config: ml_collections.ConfigDict, split: str) -> Source:
@@ -227,5 +261,6 @@ def report_skipped(errors: list[DataError], what: str) -> None:
   logging.warning("%d %s:\n  %s%s", len(errors), what, listed, more)
 
 
-def _first_line(message: str) -> str:
+def first_line(message: str) -> str:
+  """A TensorFlow error's first line: its message without the graph's traceback."""
   return (message or "").strip().splitlines()[0] if (message or "").strip() else "read error"
