@@ -327,6 +327,7 @@ class _Reader:
       out = {"index": tf.cast(index, tf.int32), "epoch": tf.cast(epoch, tf.int32), "step": step}
       if decode:
         out.update(self._decode_row(index, bad, pil))
+        out.pop("labels", None)      # class maps are for scores, not for training
       return out
 
     def rows_of(step):

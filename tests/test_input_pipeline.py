@@ -344,3 +344,11 @@ def test_the_tf_data_service_gives_the_same_batches_and_trains_through_it(tmp_pa
   state = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert int(state.step) == 2
   assert workers and all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.generator.params))
+
+
+def test_train_batches_keep_one_structure_across_the_cache_and_leave_class_maps_home():
+  config = default.get_config("smoke")
+  config.data.name, config.data.cache = "labels2facades", "memory"   # a source with class maps
+  batches = list(itertools.islice(input_pipeline.create_train_iterator(config), 6))
+  structures = {jax.tree.structure(batch) for batch in batches}    # epoch 0 decoded, 1 cached
+  assert len(structures) == 1 and set(batches[0]) == {"image_a", "image_b", "index", "epoch"}
