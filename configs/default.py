@@ -24,6 +24,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3            # how many checkpoints to keep
   config.image_every_steps = 500         # input | output | target image summaries (0: never)
   config.eval_every_steps = 0            # validation (L1, PSNR, SSIM) during training (0: never)
+  config.max_loss = 1e4                  # stop (before a save) when a loss exceeds this (0: never)
 
   config.data = data = ml_collections.ConfigDict()
   data.source = "synthetic"              # synthetic | folder | tfds

@@ -38,10 +38,12 @@ replaced by a good row of its batch and reported once per epoch. Either way the
 pipeline is rebuilt at the batch it stopped at, so nothing is lost or repeated.
 
 `data.cache`: "memory", or a file path, keeps the decoded uint8 pairs of the
-train split (random-access sources) once an epoch has read them; later epochs
-gather batches from it. A file cache is written beside its path and renamed into
-place when complete, with a key of the split's files and size, so a run killed
-while filling it, or a changed dataset, starts it afresh.
+train split once an epoch has read them; later epochs gather their batches
+from it, in the order they would have had (tfds: the same seeded shuffle, of
+the record indices alone). A file cache is written beside its path (one per
+process when there are several) and renamed into place when complete, with a
+key of the split's files and size, so a run killed while filling it, or a
+changed dataset, starts it afresh.
 
 `data.service_address`: batches are made by the workers of a tf.data service
 (`python -m p2p_jax.data_service`) instead of by this host; each batch carries
@@ -219,7 +221,7 @@ def _train_host_batches(config: ml_collections.ConfigDict, start_step: int,
   steps = _steps_per_epoch(config, len(source))
   reader = _Reader(config, source, config.data.train_split)
   prep.sizes(reader.first.where, reader.wire, train=True)
-  cache = _Cache.open(config, reader) if config.data.cache else None
+  cache = _Cache.open(config, reader, plan) if config.data.cache else None
   return reader.train_batches(plan, start_step, steps, cache)
 
 
@@ -239,7 +241,7 @@ class _Reader:
     self.errors: dict[int, DataError] = {}
     if source.random_access:
       self.bad = np.zeros(len(source), bool)
-      self.pil = source.pil_only() if hasattr(source, "pil_only") else np.zeros(len(source), bool)
+      self.pil = source.pil_only()
       self.first = self._first_good()
     else:
       self.first = source.first()
@@ -351,11 +353,19 @@ class _Reader:
     dataset = dataset.batch(local, drop_remainder=True).batch(group, drop_remainder=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
-  def _tfds_train_dataset(self, plan: _HostPlan, start_step: int, steps: int):
+  def _tfds_train_dataset(self, plan: _HostPlan, start_step: int, steps: int,
+                          decode: bool = True):
+    """As `train_dataset`, for the tfds stream. With `decode=False`, the same shuffle of
+    this process's record indices alone: a seeded shuffle orders any stream of one length
+    alike, so these are the indices of the records the decoded stream yields."""
     tf = sources.tensorflow()
-    local = plan.local_batch
+    local, p, count = plan.local_batch, plan.process_index, plan.process_count
     first_epoch, first_step = divmod(start_step, steps)
-    records = self.source.records(plan.process_index, plan.process_count)
+    if decode:
+      records = self.source.records(p, count)
+    else:
+      mine = len(range(p, len(self.source), count))
+      records = tf.data.Dataset.range(mine).map(lambda position: {"index": position * count + p})
 
     def epoch_rows(epoch):
       seed = (self.seed * 1_000_003 + epoch) & _KEY_MASK
@@ -364,13 +374,23 @@ class _Reader:
       rows = records.shuffle(max(1, self.shuffle_buffer), seed=seed,
                              reshuffle_each_iteration=False)
       rows = rows.take(steps * local).enumerate().skip(skip)
-      return rows.map(lambda number, record: dict(
-          self._fit(record), index=tf.cast(record["index"], tf.int32),
-          epoch=tf.cast(epoch, tf.int32), step=epoch * steps + number // local))
+
+      def row(number, record):
+        out = {"index": tf.cast(record["index"], tf.int32), "epoch": tf.cast(epoch, tf.int32),
+               "step": epoch * steps + number // local}
+        if decode:
+          out.update(self._fit(record))
+        return out
+      return rows.map(row)
 
     dataset = tf.data.Dataset.range(first_epoch, _MAX_STEP).flat_map(epoch_rows)
     group = max(1, _MIN_GROUP_ROWS // local)
     return dataset.batch(local, drop_remainder=True).batch(group).prefetch(tf.data.AUTOTUNE)
+
+  def _dataset(self, plan: _HostPlan, start_step: int, steps: int, decode: bool = True):
+    if self.source.random_access:
+      return self.train_dataset(plan, start_step, steps, decode)
+    return self._tfds_train_dataset(plan, start_step, steps, decode)
 
   # -- the host side -----------------------------------------------------------------------
 
@@ -383,10 +403,7 @@ class _Reader:
       if cache is not None and cache.complete:
         yield from self._cached_batches(plan, step, steps, cache)
         return
-      if self.source.random_access:
-        dataset = self.train_dataset(plan, step, steps)
-      else:
-        dataset = self._tfds_train_dataset(plan, step, steps)
+      dataset = self._dataset(plan, step, steps)
       try:
         for batch in _in_step_order(_ungrouped(dataset.as_numpy_iterator()), step):
           batch = self._replace_bad_rows(batch, epoch_errors)
@@ -400,7 +417,7 @@ class _Reader:
           if last:
             self._report_epoch(epoch, epoch_errors, resized)
             epoch_errors, resized = {}, 0
-            if cache is not None and cache.fill(self):
+            if cache is not None and cache.fill(self, plan):
               break                # complete: the next epochs come from it
       except op_error as error:
         if not self.source.random_access:
@@ -411,8 +428,7 @@ class _Reader:
   def _cached_batches(self, plan: _HostPlan, step: int, steps: int, cache: "_Cache"
                       ) -> Iterator[dict[str, np.ndarray]]:
     epoch_errors = {}
-    for rows in _ungrouped(self.train_dataset(plan, step, steps, decode=False)
-                           .as_numpy_iterator()):
+    for rows in _ungrouped(self._dataset(plan, step, steps, decode=False).as_numpy_iterator()):
       image_a, image_b = cache.get(rows["index"])
       batch = {"image_a": image_a, "image_b": image_b, "index": rows["index"],
                "epoch": rows["epoch"], "step": rows["step"]}
@@ -600,16 +616,14 @@ class _Cache:
   """The train split's decoded uint8 pairs by index, in memory or in a file."""
 
   def __init__(self, path: str, pairs: np.ndarray, filled: np.ndarray, key: str,
-               complete: bool):
+               complete: bool, mine: np.ndarray):
     self.path, self.pairs, self.filled, self.key, self.complete = (path, pairs, filled, key,
                                                                    complete)
+    self.mine = mine     # the indices this process reads
 
   @classmethod
-  def open(cls, config: ml_collections.ConfigDict, reader: _Reader) -> "_Cache | None":
-    if not reader.source.random_access:
-      raise ValueError("config.data.cache keeps random-access sources (synthetic, folder); "
-                       "the tfds source reads its records from TFDS's own files. Unset "
-                       "--config.data.cache, or use --config.data.source=folder.")
+  def open(cls, config: ml_collections.ConfigDict, reader: _Reader, plan: _HostPlan
+           ) -> "_Cache":
     if reader.service:
       raise ValueError("config.data.cache and config.data.service_address exclude each other: "
                        "the service's workers decode, so there is nothing here to keep. Unset "
@@ -617,27 +631,47 @@ class _Cache:
     count, (height, width) = len(reader.source), reader.wire
     shape = (count, 2, height, width, 3)
     size_mb = np.prod(shape) / 2 ** 20
-    key = hashlib.sha256(json.dumps([reader.source.description, reader.source.names(),
-                                     list(reader.wire)]).encode()).hexdigest()
+    # A random-access process reads every example over its epochs; a tfds process, its shard.
+    if reader.source.random_access:
+      names, mine = reader.source.names(), np.arange(count)
+    else:
+      names, mine = count, np.arange(plan.process_index, count, plan.process_count)
+    key = hashlib.sha256(json.dumps([reader.source.description, names, list(reader.wire)]
+                                    ).encode()).hexdigest()
     spec = config.data.cache
     if spec == "memory":
       logging.info("data.cache: %d pairs of %dx%d, %.0f MB in memory.", count, width, height,
                    size_mb)
-      return cls("", np.empty(shape, np.uint8), np.zeros(count, bool), key, False)
+      return cls("", np.empty(shape, np.uint8), np.zeros(count, bool), key, False, mine)
     path = os.path.abspath(os.path.expanduser(spec))
+    if plan.process_count > 1:   # each process writes its own file: no two write one
+      path += f".process{plan.process_index}of{plan.process_count}"
     meta = _read_json(path + ".json")
     if meta.get("key") == key and os.path.exists(path):
       for index, (where, reason) in meta.get("bad", {}).items():
         reader._mark_bad(int(index), DataError(where, reason))
       logging.info("data.cache: reading %d pairs from %s.", count, path)
-      return cls(path, np.load(path, mmap_mode="r"), np.ones(count, bool), key, True)
+      return cls(path, np.load(path, mmap_mode="r"), np.ones(count, bool), key, True, mine)
     if meta:
       logging.warning("data.cache: %s was made from other data; making it again.", path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     logging.info("data.cache: %d pairs of %dx%d, %.0f MB, written to %s during the first "
                  "epoch.", count, width, height, size_mb, path)
     pairs = np.lib.format.open_memmap(path + ".partial", mode="w+", dtype=np.uint8, shape=shape)
-    return cls(path, pairs, np.zeros(count, bool), key, False)
+    return cls(path, pairs, np.zeros(count, bool), key, False, mine)
+
+  def _missing(self, bad: np.ndarray | None = None) -> np.ndarray:
+    missing = ~self.filled[self.mine]
+    if bad is not None:
+      missing &= ~bad[self.mine]
+    return self.mine[missing]
+
+  def _store(self, rows: Any) -> None:
+    for row in rows.as_numpy_iterator():
+      if not self.filled[row["index"]]:
+        self.pairs[row["index"], 0], self.pairs[row["index"], 1] = (row["image_a"],
+                                                                    row["image_b"])
+        self.filled[row["index"]] = True
 
   def put(self, batch: dict[str, np.ndarray]) -> None:
     index = batch["index"]
@@ -647,23 +681,28 @@ class _Cache:
   def get(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return self.pairs[index, 0], self.pairs[index, 1]
 
-  def fill(self, reader: _Reader) -> bool:
+  def fill(self, reader: _Reader, plan: _HostPlan) -> bool:
     """Decodes the pairs no epoch has read yet (the dropped remainders); True when complete."""
     tf = sources.tensorflow()
-    missing = np.flatnonzero(~self.filled & ~reader.bad)
-    while len(missing):
-      bad, pil = tf.constant(reader.bad), tf.constant(reader.pil)
-      dataset = tf.data.Dataset.from_tensor_slices(missing.astype(np.int64)).map(
-          lambda index: dict(reader._decode_row(index, bad, pil), index=index),
-          num_parallel_calls=tf.data.AUTOTUNE)
+    if reader.source.random_access:
+      missing = self._missing(reader.bad)
+      while len(missing):
+        bad, pil = tf.constant(reader.bad), tf.constant(reader.pil)
+        dataset = tf.data.Dataset.from_tensor_slices(missing.astype(np.int64)).map(
+            lambda index: dict(reader._decode_row(index, bad, pil), index=index),
+            num_parallel_calls=tf.data.AUTOTUNE)
+        try:
+          self._store(dataset)
+        except tf.errors.OpError as error:
+          reader.diagnose(self._missing(reader.bad)[:64], error)
+        missing = self._missing(reader.bad)
+    elif len(self._missing()):
+      records = reader.source.records(plan.process_index, plan.process_count)
       try:
-        for row in dataset.as_numpy_iterator():
-          self.pairs[row["index"], 0], self.pairs[row["index"], 1] = (row["image_a"],
-                                                                      row["image_b"])
-          self.filled[row["index"]] = True
+        self._store(records.map(lambda record: dict(reader._fit(record), index=record["index"]),
+                                num_parallel_calls=tf.data.AUTOTUNE))
       except tf.errors.OpError as error:
-        reader.diagnose(np.flatnonzero(~self.filled & ~reader.bad)[:64], error)
-      missing = np.flatnonzero(~self.filled & ~reader.bad)
+        raise DataError(reader.source.where, sources.first_line(error.message)) from None
     if self.path:
       self.pairs.flush()
       os.replace(self.path + ".partial", self.path)

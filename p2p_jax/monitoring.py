@@ -17,6 +17,13 @@ class NonFiniteLossError(FloatingPointError):
   """A loss became NaN or Inf; training stopped before saving the bad state."""
 
 
+class DivergedLossError(FloatingPointError):
+  """A loss grew past config.max_loss; training stopped before saving the state."""
+
+
+_LOSSES = ("G_GAN", "G_L1", "D_real", "D_fake")    # the metrics `max_loss` bounds
+
+
 class MetricWindow:
   """Per-step metrics kept on the device until they are needed.
 
@@ -31,17 +38,26 @@ class MetricWindow:
   def add(self, step: int, metrics: Any) -> None:
     self._pending.append((step, metrics))
 
-  def check_finite(self, last_good_step: int | None) -> None:
-    """Raises NonFiniteLossError naming the first bad step and loss."""
+  def check_finite(self, last_good_step: int | None, max_loss: float = 0.0) -> None:
+    """Raises NonFiniteLossError naming the first bad step and loss, or DivergedLossError
+    for the first loss above `max_loss` (> 0; 0 checks only for NaN and Inf)."""
+    kept = ("no checkpoint was written yet" if last_good_step is None
+            else f"the last good checkpoint (step {last_good_step}) is kept")
     for step, metrics in self._fetch():
       bad = {name: value for name, value in metrics.items() if not np.isfinite(value)}
       if bad:
         losses = ", ".join(f"{name}={value}" for name, value in sorted(bad.items()))
-        kept = ("no checkpoint was written yet" if last_good_step is None
-                else f"the last good checkpoint (step {last_good_step}) is kept")
         raise NonFiniteLossError(
             f"Non-finite loss at step {step}: {losses}. Training stopped; {kept}. Lower "
             f"config.optim.learning_rate, or check the data for broken images.")
+      large = {name: value for name, value in metrics.items()
+               if max_loss > 0 and name in _LOSSES and value > max_loss}
+      if large:
+        losses = ", ".join(f"{name}={value:.4g}" for name, value in sorted(large.items()))
+        raise DivergedLossError(
+            f"Loss above config.max_loss={max_loss:g} at step {step}: {losses}; the run is "
+            f"diverging. Training stopped; {kept}. Lower config.optim.learning_rate, or raise "
+            "--config.max_loss (0 turns the bound off) if such losses are expected.")
 
   def average(self) -> dict[str, float]:
     """Mean of each metric over the window, which then starts afresh."""

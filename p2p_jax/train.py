@@ -119,7 +119,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       report_progress(step)
       last_step = step == num_steps
       if step % config.log_every_steps == 0 or last_step:
-        unchecked.check_finite(checkpointer.latest_step())
+        unchecked.check_finite(checkpointer.latest_step(), config.max_loss)
         unchecked = monitoring.MetricWindow()
         writer.write_scalars(step, {f"train/{k}": v for k, v in window.average().items()})
       if config.image_every_steps > 0 and (step % config.image_every_steps == 0 or last_step):
@@ -131,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.write_scalars(step, {f"val/{k}": result[k] for k in ("l1", "psnr", "ssim")})
       preempted = stop.requested or checkpointer.reached_preemption(step)
       if last_step or preempted or checkpointer.is_due(step):
-        unchecked.check_finite(checkpointer.latest_step())   # never save a NaN state
+        unchecked.check_finite(checkpointer.latest_step(), config.max_loss)   # never save it
         unchecked = monitoring.MetricWindow()
         checkpointer.save(step, state)
       if preempted:

@@ -166,28 +166,48 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   assert len(steps) == 1 and 0 < steps[0] < 100000
 
 
-def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fault", ["nan", "diverged"])
+def test_a_bad_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                      fault):
   real_step = step_lib.pmap_train_step
+  factor = np.nan if fault == "nan" else 1e6     # 1e6: finite, and past config.max_loss
+
   def poisoned(*args, **kwargs):
-    """The real step, whose third update goes wrong: its state and losses become NaN."""
+    """The real step, whose third update goes wrong: its state and losses are scaled."""
     compiled, calls = real_step(*args, **kwargs), []
     def run(state, batch, rng):
       calls.append(None)
       state, metrics = compiled(state, batch, rng)
       if len(calls) == 3:
-        state, metrics = jax.tree.map(lambda x: x * np.nan if x.dtype.kind == "f" else x,
+        state, metrics = jax.tree.map(lambda x: x * factor if x.dtype.kind == "f" else x,
                                       (state, metrics))
       return state, metrics
     return run
   monkeypatch.setattr(step_lib, "pmap_train_step", poisoned)
-  workdir = str(tmp_path / "nan")
+  workdir = str(tmp_path / fault)
   config = _smoke_config(num_train_steps=8, log_every_steps=4, checkpoint_every_steps=2)
-  with pytest.raises(monitoring.NonFiniteLossError, match=r"step 3: .*G_L1=nan") as error:
+  error_type, message = ((monitoring.NonFiniteLossError, r"step 3: .*G_L1=nan") if fault == "nan"
+                         else (monitoring.DivergedLossError,
+                               r"above config.max_loss=10000 at step 3: .*G_L1=\d"))
+  with pytest.raises(error_type, match=message) as error:
     train.train_and_evaluate(config, workdir)
   assert "last good checkpoint (step 2)" in str(error.value)
   assert checkpoints.Checkpointer(workdir, read_only=True).all_steps() == [2]
   state = evaluate.restore_state(config, workdir)
-  assert all(np.isfinite(leaf).all() for leaf in _params(state))
+  assert all(np.isfinite(leaf).all() and np.abs(leaf).max() < 1e3 for leaf in _params(state))
+
+
+def test_max_loss_bounds_the_losses_only_and_zero_turns_it_off():
+  window = monitoring.MetricWindow()
+  window.add(7, {"G_GAN": np.float32(5.6e13), "G_L1": np.float32(3.0),
+                 "learning_rate": np.float32(1e6)})
+  window.check_finite(None, 0.0)                       # off: only NaN and Inf stop a run
+  with pytest.raises(monitoring.DivergedLossError, match=r"step 7: G_GAN=5\.6e\+13; .*no "
+                     "checkpoint was written yet"):
+    window.check_finite(None, 1e4)
+  calm = monitoring.MetricWindow()
+  calm.add(1, {"G_GAN": np.float32(0.7), "learning_rate": np.float32(1e6)})
+  calm.check_finite(None, 1e4)                         # the learning rate is no loss
 
 
 def test_eval_on_one_device_of_a_run_trained_on_eight(trained):

@@ -270,6 +270,13 @@ def test_tfds_source_streams_shards_and_resumes(monkeypatch):
     seen = np.concatenate([example_indices(unbroken[2 * epoch + s]) for s in range(2)])
     assert len(set(seen.tolist())) == 16 and set(seen.tolist()) <= set(range(20))
 
+  config.data.cache = "memory"        # from epoch 1 on, the same shuffle of indices alone
+  cached = take(config, 5)
+  for expected, got in zip(unbroken, cached):
+    for key in ("real_a", "index", "epoch"):
+      np.testing.assert_array_equal(got[key], expected[key])
+  config.data.cache = ""
+
   config.batch_size = 16
   parts = [example_indices(take(config, 1, process_index=p, process_count=2)[0])
            for p in range(2)]

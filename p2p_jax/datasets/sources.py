@@ -62,6 +62,10 @@ class _RandomAccessSource:
     """Every example's name, in index order (the cache's key)."""
     raise NotImplementedError
 
+  def pil_only(self) -> np.ndarray:
+    """bool [N]: the examples only `load` can decode (none, unless a source says otherwise)."""
+    return np.zeros(len(self), bool)
+
   def decode(self, index: Any, use_pil: Any) -> dict[str, Any]:
     """TF: {'image_a', 'image_b': uint8 [H, W, 3]} (and 'labels' uint8 [H, W]) of `index`.
 
@@ -192,6 +196,7 @@ class TfdsSource:
     self._seed, self._shuffle_buffer = config.seed, config.data.shuffle_buffer
     self._key = (config.data.name, split, config.data.tfds_data_dir)
     self._where = f"tfds pix2pix/{config.data.name}, split {split!r}"
+    self.description = f"{self._where} in {config.data.tfds_data_dir or 'the TFDS default'}"
     try:
       self._dataset = pix2pix_tfds.load_split(config.data.name, split,
                                               config.data.tfds_data_dir or None,
