@@ -77,6 +77,9 @@ from p2p_jax.datasets.preprocess import Preprocess
 _MAX_STEP = 2 ** 62        # "forever": the training stream is cut by the loop, not by the data
 _KEY_MASK = 0x7FFFFFFF
 _MIN_GROUP_ROWS = 8        # rows per tf.data element at least (several small batches in one)
+_MAX_WAITING = 1024        # batches a service may deliver ahead of a missing one
+_SERVICE_AHEAD = 64        # steps searched for a bad file when the service reports one
+_SIZE_SAMPLE = 64          # examples whose sizes choose a split's wire size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +130,7 @@ def create_eval_iterator(config: ml_collections.ConfigDict, split: str | None = 
   batch_size = config.eval.batch_size
   if batch_size <= 0:
     raise ValueError(f"config.eval.batch_size={batch_size} must be positive.")
-  reader = _Reader(config, source, split)
+  reader = _Reader(config, source, split, prep, train=False)
   resized, _ = prep.sizes(reader.first.where, reader.wire, train=False)
   # Every process makes as many batches as the largest part needs (padded).
   num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
@@ -174,7 +177,7 @@ def pipeline_throughput(config: ml_collections.ConfigDict, num_batches: int) -> 
   """
   batches = _train_host_batches(config, 0, 0, 1)
   try:
-    untimed = steps_per_epoch(config) if config.data.cache else 1
+    untimed = steps_per_epoch(config) + 1 if config.data.cache else 1   # the +1 fills it
     for _ in range(untimed):
       next(batches)
     start, count = time.perf_counter(), 0
@@ -194,9 +197,10 @@ def decode_throughput(config: ml_collections.ConfigDict, num_pairs: int) -> floa
   tf = sources.tensorflow()
   source = sources.open_source(config, config.data.train_split)
   if source.random_access:
-    use_pil = tf.constant(False)
+    pil = tf.constant(source.pil_only())
     dataset = tf.data.Dataset.range(len(source)).repeat().map(
-        lambda index: source.decode(index, use_pil), num_parallel_calls=tf.data.AUTOTUNE)
+        lambda index: source.decode(index, tf.gather(pil, index)),
+        num_parallel_calls=tf.data.AUTOTUNE)
   else:
     dataset = source.records(0, 1).repeat()
   dataset = dataset.map(lambda row: tf.shape(row["image_a"])).prefetch(tf.data.AUTOTUNE)
@@ -219,7 +223,7 @@ def _train_host_batches(config: ml_collections.ConfigDict, start_step: int,
   prep = Preprocess.from_config(config)
   source = sources.open_source(config, config.data.train_split)
   steps = _steps_per_epoch(config, len(source))
-  reader = _Reader(config, source, config.data.train_split)
+  reader = _Reader(config, source, config.data.train_split, prep, train=True)
   prep.sizes(reader.first.where, reader.wire, train=True)
   cache = _Cache.open(config, reader, plan) if config.data.cache else None
   return reader.train_batches(plan, start_step, steps, cache)
@@ -228,7 +232,8 @@ def _train_host_batches(config: ml_collections.ConfigDict, start_step: int,
 class _Reader:
   """One split's pairs through tf.data: decode, fit to the wire size, route around bad files."""
 
-  def __init__(self, config: ml_collections.ConfigDict, source: sources.Source, split: str):
+  def __init__(self, config: ml_collections.ConfigDict, source: sources.Source, split: str,
+               prep: Preprocess, train: bool):
     self.source, self.split = source, split
     self.skip = config.data.skip_bad_images
     self.seed = int(config.seed) & _KEY_MASK
@@ -245,7 +250,32 @@ class _Reader:
       self.first = self._first_good()
     else:
       self.first = source.first()
-    self.wire = tuple(self.first.image_a.shape[:2])
+    self.wire = self._wire_size(prep.fixed_size(train))
+
+  def _wire_size(self, fixed: tuple[int, int] | None) -> tuple[int, int]:
+    """The one size this split's pairs cross to the devices at.
+
+    The first example's size, when a sample of the split shares it (the device
+    resizes, as PIL would). When the sample's sizes differ: the size preprocessing
+    resizes every image to, if there is one (each image is then resized once, on
+    the host), else the sample's most common size.
+    """
+    first = tuple(self.first.image_a.shape[:2])
+    if not self.source.random_access:
+      return first          # the official TFDS datasets each have one size
+    count = len(self.source)
+    sample = np.unique(np.linspace(0, count - 1, min(count, _SIZE_SAMPLE)).astype(int))
+    sizes = [size for size in map(self.source.size, sample) if size is not None]
+    if all(size == first for size in sizes):
+      return first
+    if fixed is not None:
+      wire = fixed
+    else:
+      wire = max(set(sizes), key=sizes.count)
+    logging.warning("Split %r holds images of several sizes (%s, ...): they cross to the "
+                    "devices at %dx%d (WxH), resized on the host where they differ.", self.split,
+                    ", ".join(f"{w}x{h}" for h, w in sorted(set(sizes))[:3]), wire[1], wire[0])
+    return tuple(wire)
 
   def _first_good(self) -> sources.Example:
     for index in range(len(self.source)):
@@ -422,8 +452,11 @@ class _Reader:
       except op_error as error:
         if not self.source.random_access:
           raise DataError(self.source.where, sources.first_line(error.message)) from None
-        rows = next(iter(self.train_dataset(plan, step, steps, decode=False)))
-        self.diagnose(rows["index"].numpy().ravel(), error)
+        # The failed batch is the next one; with the service, any of those in flight.
+        ahead = _SERVICE_AHEAD if self.service else 1
+        rows = self._dataset(plan, step, steps, decode=False).take(ahead)
+        self.diagnose(np.concatenate([group["index"].ravel()
+                                      for group in rows.as_numpy_iterator()]), error)
 
   def _cached_batches(self, plan: _HostPlan, step: int, steps: int, cache: "_Cache"
                       ) -> Iterator[dict[str, np.ndarray]]:
@@ -555,7 +588,7 @@ def _permuted(tf: Any, position: Any, count: int, seed: int, epoch: Any) -> Any:
     return bits.bitwise_or(bits.left_shift(left, half), right)
 
   position = encrypt(tf.cast(position, tf.int64))
-  return tf.while_loop(lambda x: x >= count, encrypt, [position])[0]
+  return tf.while_loop(lambda x: x >= count, lambda x: (encrypt(x),), (position,))[0]
 
 
 def _ungrouped(groups: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
@@ -574,6 +607,11 @@ def _in_step_order(batches: Iterator[dict[str, np.ndarray]], step: int
     while step in waiting:
       yield waiting.pop(step)
       step += 1
+    if len(waiting) > _MAX_WAITING:
+      raise RuntimeError(
+          f"The tf.data service sent {len(waiting)} batches after step {step} but not step "
+          f"{step} itself (a worker that failed loses its batches). Restart the run: it "
+          "resumes from its last checkpoint with the same batches.")
 
 
 def _eval_batch(rows: list[dict[str, Any]], size: int, reader: _Reader,
@@ -633,7 +671,7 @@ class _Cache:
     size_mb = np.prod(shape) / 2 ** 20
     # A random-access process reads every example over its epochs; a tfds process, its shard.
     if reader.source.random_access:
-      names, mine = reader.source.names(), np.arange(count)
+      names, mine = reader.source.signature(), np.arange(count)
     else:
       names, mine = count, np.arange(plan.process_index, count, plan.process_count)
     key = hashlib.sha256(json.dumps([reader.source.description, names, list(reader.wire)]
@@ -705,6 +743,8 @@ class _Cache:
         raise DataError(reader.source.where, sources.first_line(error.message)) from None
     if self.path:
       self.pairs.flush()
+      if os.path.exists(self.path + ".json"):
+        os.remove(self.path + ".json")     # the old key must never name the new file
       os.replace(self.path + ".partial", self.path)
       bad = {str(i): [e.path, e.reason] for i, e in reader.errors.items()}
       _write_json(self.path + ".json", {"key": self.key, "bad": bad})

@@ -243,12 +243,14 @@ def test_tensorflow_decodes_every_mode_as_pil_does(tmp_path):
   palette.save(tmp_path / "palette_transparent.png", transparency=0)
   write_png16(str(tmp_path / "gray16.png"),
               (np.arange(SIZE * SIZE).reshape(SIZE, SIZE) * 64).astype(np.uint16))
-  write_png16(str(tmp_path / "rgb16.png"), rgb.astype(np.uint16) * 257)
+  write_png16(str(tmp_path / "rgb16.png"), rng.integers(0, 65536, (SIZE, SIZE, 3)))
+  write_png16(str(tmp_path / "gray16_noise.png"), rng.integers(0, 65536, (SIZE, SIZE)))
   Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
   paths = [save(tmp_path / "gray.png", rgb[..., 0]), save(tmp_path / "rgb.bmp", rgb),
            save(tmp_path / "rgba.png", np.concatenate([rgb, rgb[..., :1]], axis=2)),
            str(tmp_path / "palette_transparent.png"), str(tmp_path / "gray16.png"),
-           str(tmp_path / "rgb16.png"), str(tmp_path / "cmyk.jpg")]
+           str(tmp_path / "rgb16.png"), str(tmp_path / "gray16_noise.png"),
+           str(tmp_path / "cmyk.jpg")]
   paths += sorted(glob.glob(os.path.join(os.path.dirname(__file__), "data", "photos", "*.jpg")))
   for path in paths:
     decoded = folder.tf_decode(tf.io.read_file(path)).numpy()

@@ -302,10 +302,13 @@ def test_cache_gives_the_batches_of_an_uncached_run(tmp_path, kind):
   if kind == "memory":
     return
   assert os.path.exists(path) and not os.path.exists(path + ".partial")
-  # The next run reads the file: the images it would decode are gone.
+  # The next run reads the file, not the images: garble them, keeping their size and time
+  # (the first one is read when the split is opened).
   for name in sorted(os.listdir(tmp_path / "data" / "train"))[1:]:
-    with open(tmp_path / "data" / "train" / name, "wb") as f:
-      f.write(b"overwritten")
+    image = tmp_path / "data" / "train" / name
+    info = os.stat(image)
+    image.write_bytes(b"x" * info.st_size)
+    os.utime(image, ns=(info.st_atime_ns, info.st_mtime_ns))
   again = take(config, 3, start_step=4)
   for expected, got in zip(plain[4:], again):
     np.testing.assert_array_equal(got["real_a"], expected["real_a"])
@@ -359,3 +362,18 @@ def test_train_batches_keep_one_structure_across_the_cache_and_leave_class_maps_
   batches = list(itertools.islice(input_pipeline.create_train_iterator(config), 6))
   structures = {jax.tree.structure(batch) for batch in batches}    # epoch 0 decoded, 1 cached
   assert len(structures) == 1 and set(batches[0]) == {"image_a", "image_b", "index", "epoch"}
+
+
+def test_a_split_of_mixed_sizes_crosses_at_the_resize_target_resized_once(tmp_path, caplog):
+  rng = np.random.default_rng(14)
+  sizes = [(32, 48), (40, 40), (64, 32), (36, 60)] * 2
+  write_aligned(tmp_path, "train", [noise(rng, h, w) for h, w in sizes],
+                [noise(rng, h, w) for h, w in sizes])
+  config = folder_config(tmp_path, preprocess="resize_and_crop", load_size=40, crop_size=32)
+  with caplog.at_level(logging.WARNING):
+    (batch,) = take(config, 1)
+  assert batch["image_a"].shape == (8, 40, 40, 3)       # load_size: one resize per image
+  assert any("several sizes" in r.getMessage() and "at 40x40" in r.getMessage()
+             for r in caplog.records)
+  config.data.eval_split = "train"
+  assert next(input_pipeline.create_eval_iterator(config))["real_a"].shape == (8, 32, 32, 3)

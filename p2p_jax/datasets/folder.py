@@ -119,9 +119,10 @@ def read_image(path: str) -> np.ndarray:
 def tf_decode(data):
   """TF: the bytes of a JPEG, PNG or BMP file as uint8 [H, W, 3], decoded as `read_image` does.
 
-  JPEGs use libjpeg's accurate integer DCT (PIL's default); PNGs are decoded at
-  16 bits and scaled by 1/257, rounded, which is exact for 8-bit files and the
-  scaling `read_image` applies to 16-bit ones.
+  JPEGs use libjpeg's accurate integer DCT (PIL's default). PNGs are decoded at
+  16 bits (8-bit values come as v * 257) and brought to 8 as PIL brings them: a
+  grey level scaled by 1/257 and rounded (`_to_rgb`), colour and grey + alpha
+  by their high byte; both give 8-bit files back exactly.
   """
   import tensorflow as tf
 
@@ -129,8 +130,17 @@ def tf_decode(data):
     return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
 
   def png():
-    wide = tf.cast(tf.io.decode_png(data, channels=3, dtype=tf.uint16), tf.float32)
-    return tf.cast(tf.round(wide / 257.0), tf.uint8)
+    wide = tf.io.decode_png(data, channels=0, dtype=tf.uint16)   # its own channels, 16 bits
+    channels = tf.shape(wide)[-1]
+
+    def gray():      # as `_to_rgb` scales PIL's I;16
+      level = tf.round(tf.cast(wide[..., :1], tf.float32) / 257.0)
+      return tf.tile(tf.cast(level, tf.uint8), [1, 1, 3])
+
+    def high_bytes():   # PIL keeps the high byte of 16-bit colour and grey + alpha
+      rgb = tf.cond(channels >= 3, lambda: wide[..., :3], lambda: tf.tile(wide[..., :1], [1, 1, 3]))
+      return tf.cast(tf.bitwise.right_shift(rgb, 8), tf.uint8)
+    return tf.cond(tf.equal(channels, 1), gray, high_bytes)
 
   def other():
     return tf.io.decode_image(data, channels=3, expand_animations=False)

@@ -117,6 +117,14 @@ class Preprocess:
                       "whose sides fit")
     return resized, final
 
+  def fixed_size(self, train: bool) -> tuple[int, int] | None:
+    """The size every image is resized to whatever its own size, or None where it depends on it."""
+    if train and self.mode == "resize_and_crop":
+      return (self.load_size, self.load_size)
+    if not train and self.mode in ("resize_and_crop", "crop"):
+      return (self.crop_size, self.crop_size)
+    return None
+
   def train(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Jittered (real_a, real_b), float32 [B, h, w, input_nc / output_nc] in [-1, 1].
 

@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 from absl import logging
+from PIL import Image
 
 from p2p_jax.datasets.errors import DataError
 from p2p_jax.datasets import folder
@@ -59,8 +60,16 @@ class _RandomAccessSource:
     raise NotImplementedError
 
   def names(self) -> list[str]:
-    """Every example's name, in index order (the cache's key)."""
+    """Every example's name, in index order."""
     raise NotImplementedError
+
+  def signature(self) -> list[Any]:
+    """What the cache's key is made of: the examples' names (and files)."""
+    return self.names()
+
+  def size(self, index: int) -> tuple[int, int] | None:
+    """(H, W) of example `index`'s A image from its header, or None if unreadable."""
+    return tuple(self.load(index).image_a.shape[:2])
 
   def pil_only(self) -> np.ndarray:
     """bool [N]: the examples only `load` can decode (none, unless a source says otherwise)."""
@@ -126,6 +135,9 @@ class SyntheticSource(_RandomAccessSource):
   def names(self) -> list[str]:
     return [f"{index:06d}" for index in range(self._count)]
 
+  def size(self, index: int) -> tuple[int, int] | None:
+    return (self._size, self._size)
+
   def decode(self, index: Any, use_pil: Any) -> dict[str, Any]:
     return self._numpy_decode(index)   # numpy draws the pairs
 
@@ -155,6 +167,24 @@ class FolderSource(_RandomAccessSource):
 
   def names(self) -> list[str]:
     return [pair.name for pair in self._pairs]
+
+  def signature(self) -> list[Any]:
+    """(name, bytes, mtime) of every file: changes whenever a file does (the cache's key)."""
+    def stat(path):
+      if path is None:
+        return None
+      info = os.stat(path)
+      return [info.st_size, info.st_mtime_ns]
+    return [[pair.name, stat(pair.path_a), stat(pair.path_b)] for pair in self._pairs]
+
+  def size(self, index: int) -> tuple[int, int] | None:
+    pair = self._pairs[index]
+    try:
+      with Image.open(pair.path_a) as image:   # the header only
+        width, height = image.size
+    except Exception:  # pylint: disable=broad-except  # the decode will name what is wrong
+      return None
+    return (height, width // 2 if pair.path_b is None else width)
 
   def pil_only(self) -> np.ndarray:
     """bool [N]: the examples with a file TensorFlow has no decoder for."""
