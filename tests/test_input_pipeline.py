@@ -4,6 +4,7 @@ import functools
 import itertools
 import logging
 import os
+import subprocess
 import sys
 import types
 
@@ -336,24 +337,44 @@ def test_a_cache_file_left_half_written_is_made_again(tmp_path, caplog):
   assert os.path.exists(path)
 
 
+_SERVICE_RUN = """
+import itertools, sys
+import jax, numpy as np
+from configs import default
+from p2p_jax import data_service, input_pipeline, train
+
+def take(config, count, **kwargs):
+  batches = input_pipeline.create_train_iterator(config, **kwargs)
+  return [jax.device_get(batch) for batch in itertools.islice(batches, count)]
+
+dispatcher = data_service.start_dispatcher()
+workers = [data_service.start_worker(dispatcher.target) for _ in range(2)]
+config = default.get_config("smoke")
+plain = take(config, 6)
+config.data.service_address = dispatcher.target
+served = take(config, 6) + take(config, 2, start_step=4)
+for expected, got in zip(plain + plain[4:6], served):
+  for key in ("image_a", "image_b", "index", "epoch"):
+    np.testing.assert_array_equal(got[key], expected[key])
+config.num_train_steps, config.image_every_steps, config.log_every_steps = 2, 0, 1
+state = train.train_and_evaluate(config, sys.argv[1])
+assert int(state.step) == 2, state.step
+assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.generator.params))
+print("trained through", dispatcher.target, "with", len(workers), "workers")
+"""
+
+
 def test_the_tf_data_service_gives_the_same_batches_and_trains_through_it(tmp_path):
-  from p2p_jax import data_service
-  from p2p_jax import train
-  dispatcher = data_service.start_dispatcher()
-  workers = [data_service.start_worker(dispatcher.target) for _ in range(2)]
-  config = default.get_config("smoke")
-  plain = take(config, 6)
-  config.data.service_address = dispatcher.target
-  served = take(config, 6)
-  for expected, got in zip(plain, served):
-    for key in ("image_a", "image_b", "index", "epoch"):
-      np.testing.assert_array_equal(got[key], expected[key])
-  resumed = take(config, 2, start_step=4)
-  np.testing.assert_array_equal(resumed[0]["real_a"], plain[4]["real_a"])
-  config.num_train_steps, config.image_every_steps, config.log_every_steps = 2, 0, 1
-  state = train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert int(state.step) == 2
-  assert workers and all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.generator.params))
+  """In a process of its own: the service's servers run until their process ends."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, "-c", _SERVICE_RUN, str(tmp_path / "run")], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "trained through grpc://localhost:" in result.stdout
+  assert "with 2 workers" in result.stdout
 
 
 def test_train_batches_keep_one_structure_across_the_cache_and_leave_class_maps_home():
