@@ -211,7 +211,7 @@ def run_pipeline(config: ml_collections.ConfigDict, num_batches: int = 10) -> di
   for _ in range(2):
     ceilings.append(input_pipeline.decode_throughput(config, pairs))
     rates.append(input_pipeline.pipeline_throughput(config, num_batches))
-  cores = _num_cores()
+  cores = hardware.num_cores()
   rate, ceiling = max(rates), max(ceilings)
   return {
       "mode": "pipeline",
@@ -288,16 +288,10 @@ def run_loop(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 3
       "cache": config.data.cache,
       "devices": jax.local_device_count(),
       "backend": jax.default_backend(),
-      "cores": _num_cores(),
+      "cores": hardware.num_cores(),
       "loadavg_1m": os.getloadavg()[0],
   }
 
-
-def _num_cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:   # not on Linux
-    return os.cpu_count() or 1
 
 
 # The accelerator check: (batch sizes, steps timed per run, steps of the training run).

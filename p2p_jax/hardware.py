@@ -10,6 +10,7 @@ hand, the benchmark uses the dense matmul rate it measures in the same run.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 
@@ -77,3 +78,11 @@ def memory_mb(devices: list[Any]) -> dict[str, float | None]:
     totals["in_use"] += stats["bytes_in_use"] / 2 ** 20
     totals["peak"] += stats.get("peak_bytes_in_use", stats["bytes_in_use"]) / 2 ** 20
   return totals
+
+
+def num_cores() -> int:
+  """CPU cores this process may run on (its affinity mask where the OS has one)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:   # not on Linux
+    return os.cpu_count() or 1

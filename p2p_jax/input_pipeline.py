@@ -70,6 +70,7 @@ import numpy as np
 from absl import logging
 
 from p2p_jax import devices
+from p2p_jax import hardware
 from p2p_jax.datasets import sources
 from p2p_jax.datasets.errors import DataError
 from p2p_jax.datasets.preprocess import Preprocess
@@ -369,7 +370,7 @@ class _Reader:
     if self.service and decode:
       # Each step's rows made together (an interleave in blocks of one step), so the
       # service can hand whole steps to its workers.
-      cycle = max(1, math.ceil(2 * _num_cores() / local))
+      cycle = max(1, math.ceil(2 * hardware.num_cores() / local))
       dataset = tf.data.Dataset.range(start_step, _MAX_STEP).interleave(
           rows_of, cycle_length=cycle, block_length=local, num_parallel_calls=tf.data.AUTOTUNE,
           deterministic=True).batch(local, drop_remainder=True)
@@ -800,12 +801,6 @@ def _host_plan(config: ml_collections.ConfigDict, process_index: int, process_co
                    global_batch=config.batch_size,
                    local_batch=config.batch_size // process_count)
 
-
-def _num_cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:   # not on Linux
-    return os.cpu_count() or 1
 
 
 def _with_skip_hint(error: DataError) -> DataError:
