@@ -87,6 +87,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   ev.batch_size = 8                      # images per eval batch (each still normalised alone)
   ev.num_images = -1                     # images of the split to evaluate (-1: all)
   ev.save_images = 50                    # images written to eval/step_N/images (-1: all)
+  ev.lpips = "alexnet"                   # LPIPS net: alexnet | vgg16 | "" (off); requirements-eval.txt
   ev.color_stats = True                  # RGB outputs: Lab colour histograms and chroma vs the targets (paper Fig. 7)
   ev.fcn_score = False                   # data with class maps (synthetic labels2facades): FCN-score of the outputs
   ev.fcn_scorer_dir = ""                 # where the FCN scorer is trained once and cached ("" = WORKDIR/fcn_scorer)

@@ -1,6 +1,7 @@
 """p2p_jax: pix2pix (Isola et al., CVPR 2017) in JAX and Flax, for CPUs, GPUs and TPU pods."""
 
 import os
+import platform
 
 # The input pipeline decodes and renders examples in a pool of threads. NumPy's
 # BLAS starting its own threads inside each of them only oversubscribes the
@@ -8,3 +9,12 @@ import os
 # p2p_jax is imported before NumPy, as by `python -m p2p_jax.main`; an
 # explicit OPENBLAS_NUM_THREADS wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+# TensorFlow (which only reads data here) and XLA print INFO lines from C++ when they
+# load, e.g. TensorFlow's oneDNN notice; keep their warnings and errors. An explicit
+# TF_CPP_MIN_LOG_LEVEL wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# TensorFlow announces on import that its oneDNN kernels are on, unless the
+# variable says so: on x86-64, where they are on by default, say so.
+if platform.machine().lower() in ("x86_64", "amd64"):
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

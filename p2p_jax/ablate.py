@@ -63,11 +63,13 @@ from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
 from p2p_jax import checkpoints
+from p2p_jax import cli
 from p2p_jax import evaluate
 from p2p_jax import input_pipeline
 from p2p_jax import segmentation
 from p2p_jax import train
 from p2p_jax import variants
+from p2p_jax import workdir as workdir_lib
 
 _SAMPLES = 5             # test inputs shown in the figure
 _TIMING_FILE = "ablate_timing.json"
@@ -122,6 +124,7 @@ TABLES = {
 _FCN_COLUMNS = (("fcn_per_pixel_acc", "per-pixel acc", 1),
                 ("fcn_per_class_acc", "per-class acc", 1), ("fcn_class_iou", "class IoU", 1))
 _OTHER_COLUMNS = (("l1", "L1", -1), ("psnr", "PSNR", 1), ("ssim", "SSIM", 1),
+                  ("lpips", "LPIPS", -1),
                   ("ab_hist_distance", "ab hist dist", -1), ("hist_intersection_a", "a hist ∩", 1),
                   ("hist_intersection_b", "b hist ∩", 1), ("mean_chroma_fake", "chroma", 0))
 
@@ -185,9 +188,11 @@ def _run_row(config: ml_collections.ConfigDict, row_dir: str, row: Row
   None if training stopped before the last step (a stop request).
   """
   final = train.num_train_steps(config)
-  metrics_path = os.path.join(row_dir, "eval", f"step_{final}", "metrics.json")
-  checkpoints.check_same_run(
-      config, row_dir, fields=(), ignore=_FREE_FIELDS,
+  metrics_path = os.path.join(evaluate.result_dir(row_dir, final, config.data.eval_split,
+                                                  config.eval.deterministic), "metrics.json")
+  saved = workdir_lib.load_config(row_dir).to_dict() if workdir_lib.has_config(row_dir) else None
+  workdir_lib.check_same_run(
+      config, saved, row_dir, fields=(), ignore=_FREE_FIELDS,
       hint="(another --steps or --config?) Use another --workdir, or the same settings.")
   if os.path.exists(metrics_path):
     with open(metrics_path) as f:
@@ -196,15 +201,17 @@ def _run_row(config: ml_collections.ConfigDict, row_dir: str, row: Row
       logging.info("Row %s is done (%s); skipped.", row.name, metrics_path)
       return result
 
+  # Through training even when the last step looks saved: restoring verifies it, and a
+  # damaged checkpoint is moved aside and its steps trained again.
   start = _latest_step(row_dir)
-  if start < final:
-    logging.info("Row %s (%s): training steps %d to %d in %s.", row.name, row.variant,
-                 start + 1, final, row_dir)
-    began = time.perf_counter()
-    reached = int(train.train_and_evaluate(config, row_dir).step)
+  logging.info("Row %s (%s): training steps %d to %d in %s.", row.name, row.variant,
+               start + 1, final, row_dir)
+  began = time.perf_counter()
+  reached = int(train.train_and_evaluate(config, row_dir).step)
+  if reached > start:
     _add_timing(row_dir, reached - start, time.perf_counter() - began)
-    if reached < final:
-      return None
+  if reached < final:
+    return None
   config.eval.step = final
   return evaluate.evaluate(config, row_dir)
 
@@ -340,7 +347,10 @@ def _write_figure(path: str, spec: Table, rows: Sequence[Row], config: ml_collec
                   workdir: str) -> None:
   """Columns: test inputs; rows: the input, each ablation row's output, the target."""
   step = train.num_train_steps(config)
-  image_dirs = [os.path.join(workdir, row.name, "eval", f"step_{step}", "images") for row in rows]
+  image_dirs = [os.path.join(evaluate.result_dir(os.path.join(workdir, row.name), step,
+                                                 config.data.eval_split,
+                                                 config.eval.deterministic), "images")
+                for row in rows]
   names = sorted(name[:-len("_real_a.png")] for name in os.listdir(image_dirs[0])
                  if name.endswith("_real_a.png"))[:_SAMPLES]
   size = config.data.crop_size
@@ -397,7 +407,7 @@ def main(argv):
   from p2p_jax import devices  # pylint: disable=g-import-not-at-top
   from p2p_jax import monitoring  # pylint: disable=g-import-not-at-top
   devices.hide_accelerators_from_tensorflow()
-  monitoring.quiet_library_logs()
+  monitoring.quiet_library_logs(keep_tracebacks=cli.tracebacks_wanted())
   values = flags.FLAGS
   table = int(values.table)
   base = values.config if values.config is not None else _default_base(table)
@@ -407,4 +417,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -12,6 +12,15 @@ real images in CIE Lab space, channel by channel, by histogram intersection
                              in [0, 1]: 0 = the same colours, 1 = no colour in common
   mean_chroma_{fake,real}    mean chroma sqrt(a^2 + b^2) per pixel: lower = less saturated
 
+and, for data with class maps (synthetic labels2facades), how evenly each region
+is coloured:
+
+  region_ab_spread_{fake,real}  the spread of colour inside one labelled region (one
+                                wall, one window...), sqrt(var a + var b) over its pixels,
+                                averaged over every region of every image, pixel-weighted.
+                                Blotchy outputs (a wall in patches of two colours) score
+                                far above their targets; a flat fill below them.
+
 Colours are converted from sRGB (D65 white) with numpy; L is in [0, 100], a
 and b are binned over [-128, 128] in steps of 4.
 """
@@ -112,6 +121,23 @@ def color_statistics(fake_b: np.ndarray, real_b: np.ndarray) -> dict[str, float]
   return score.result()
 
 
+_MIN_REGION_PIXELS = 16
+
+
+def region_spreads(images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+  """(sum over regions of pixels x (a, b) spread, pixels counted) for images [N, H, W, 3] in
+  [-1, 1] and their class maps [N, H, W]; a region is one class in one image."""
+  lab = srgb_to_lab((np.asarray(images) + 1) / 2)
+  total, pixels = 0.0, 0.0
+  for image, classes in zip(lab, np.asarray(labels)):
+    for label in np.unique(classes):
+      region = image[classes == label]
+      if len(region) >= _MIN_REGION_PIXELS:
+        total += len(region) * float(np.sqrt(region[:, 1].var() + region[:, 2].var()))
+        pixels += len(region)
+  return total, pixels
+
+
 class ColorStats:
   """Accumulates the colour statistics over an eval pass (the `evaluate.evaluate_split` hook).
 
@@ -121,18 +147,29 @@ class ColorStats:
 
   def __init__(self):
     self._fake, self._real = _Histograms(), _Histograms()
+    self._spreads = np.zeros(3)     # fake sum, real sum, pixels: regions of class maps
 
   def add(self, batch: dict[str, np.ndarray], fake_b: np.ndarray, keep: np.ndarray) -> None:
-    """batch['real_b'], fake_b: [B, H, W, 3] in [-1, 1]; keep: bool [B]."""
+    """batch['real_b'], fake_b: [B, H, W, 3] in [-1, 1]; keep: bool [B]; batch['labels']
+    [B, H, W], where the data has class maps."""
     if keep.any():
       self._fake.add(fake_b[keep])
       self._real.add(batch["real_b"][keep])
+      if "labels" in batch:
+        fake, pixels = region_spreads(fake_b[keep], batch["labels"][keep])
+        real, _ = region_spreads(batch["real_b"][keep], batch["labels"][keep])
+        self._spreads += (fake, real, pixels)
 
   def result(self) -> dict[str, float]:
     if jax.process_count() > 1:
       for histograms in (self._fake, self._real):
         gathered = multihost_utils.process_allgather(histograms.flat())
         histograms.load_flat(np.asarray(gathered).sum(axis=0))
+      self._spreads = np.asarray(multihost_utils.process_allgather(self._spreads)).sum(axis=0)
     if self._real.pixels[0] == 0:
       raise ValueError("No images were added: the colour statistics are undefined.")
-    return _compare(self._fake, self._real)
+    out = _compare(self._fake, self._real)
+    if self._spreads[2]:
+      out["region_ab_spread_fake"] = float(self._spreads[0] / self._spreads[2])
+      out["region_ab_spread_real"] = float(self._spreads[1] / self._spreads[2])
+    return out

@@ -58,8 +58,10 @@ from flax import traverse_util
 from ml_collections import config_flags
 
 from p2p_jax import checkpoints
+from p2p_jax import cli
 from p2p_jax import devices
 from p2p_jax import step as step_lib
+from p2p_jax import workdir as workdir_lib
 
 _PRETRAINED_URL = "http://efrosgans.eecs.berkeley.edu/pix2pix/models-pytorch/{}.pth"
 # What each pretrained generator was trained on: (dataset, config.data.direction).
@@ -448,8 +450,8 @@ def convert_to_workdir(config: ml_collections.ConfigDict, workdir: str, generato
           params=disc_vars["params"], batch_stats=disc_vars["batch_stats"],
           opt_state=state.settings.disc_tx.init(disc_vars["params"])))
     if jax.process_index() == 0:
-      checkpoints.save_config(config, workdir)
-    checkpointer.save(0, devices.replicate(state))
+      workdir_lib.save_config(config, workdir)
+    checkpointer.save(0, devices.replicate(state), config)
   finally:
     checkpointer.close()
   return state
@@ -484,4 +486,4 @@ if __name__ == "__main__":
                                   lock_config=True)
   flags.mark_flags_as_required(["config", "workdir"])
   _FLAGS = flags.FLAGS
-  app.run(main)
+  cli.run(main)

@@ -8,18 +8,23 @@ name and the layout of a replicated or sharded tree are defined once.
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 from jax import lax
 
+from p2p_jax import validation
+
 AXIS_NAME = "batch"   # the pmap axis; BatchNorm and gradients average over it
 PyTree = Any
 
 
 def check_batch_divides(batch_size: int, num_devices: int, detail: str = "") -> None:
-  """Raises a ValueError with a fitting value unless `batch_size` splits over the devices.
+  """Raises a ConfigError with a fitting value unless `batch_size` splits over the devices.
 
   `batch_size` is config.batch_size, the global batch; `detail` says where the
   devices are (e.g. "2 process(es) x 4 local devices").
@@ -28,7 +33,7 @@ def check_batch_divides(batch_size: int, num_devices: int, detail: str = "") -> 
     return
   where = f" ({detail})" if detail else ""
   suggestion = num_devices * max(1, batch_size // num_devices)
-  raise ValueError(
+  raise validation.ConfigError(
       f"config.batch_size={batch_size} does not split evenly over {num_devices} "
       f"device(s){where}: it is the global batch, so use a positive multiple of "
       f"{num_devices}, e.g. --config.batch_size={suggestion}.")
@@ -96,9 +101,38 @@ def hide_accelerators_from_tensorflow() -> None:
   """Keeps TensorFlow, which only reads data, off the GPUs and TPUs (it would reserve
   their memory). Called once at start-up by the programs, and by the input
   pipeline before it first uses TensorFlow; later calls do nothing."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = _import_tensorflow_quietly()
   for kind in ("GPU", "TPU"):
     try:
       tf.config.set_visible_devices([], kind)
     except (RuntimeError, ValueError):   # TF already initialised, or no such device type
       pass
+
+
+# What TensorFlow prints from C++ as it loads, before its logging reads
+# TF_CPP_MIN_LOG_LEVEL: notices, twice (two of its libraries print them).
+_TF_LOAD_NOTICES = ("oneDNN custom operations are on",
+                    "All log messages before absl::InitializeLog() is called")
+
+
+def _import_tensorflow_quietly():
+  """`import tensorflow`, with its load-time notices kept off the console (anything else it
+  prints comes through, and everything does if the import fails)."""
+  if "tensorflow" in sys.modules:
+    return sys.modules["tensorflow"]
+  sys.stderr.flush()
+  console = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    failed = True
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      failed = False
+    finally:
+      os.dup2(console, 2)
+      os.close(console)
+      captured.seek(0)
+      lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+      sys.stderr.write("".join(line for line in lines if failed or not any(
+          notice in line for notice in _TF_LOAD_NOTICES)))
+  return tf

@@ -1,11 +1,15 @@
 """Evaluation: translate a split with a trained generator and score it.
 
-`python -m p2p_jax.main --config=... --workdir=DIR --mode=eval` restores the
-latest (or `config.eval.step`) checkpoint on whatever devices this machine has
-and writes `DIR/eval/step_<N>/metrics.json`, `images/<name>_{real_a,fake_b,
-real_b}.png` and `index.html`.
+`python -m p2p_jax.main --workdir=DIR --mode=eval` restores the newest checkpoint
+that verifies (or `config.eval.step`) on whatever devices this machine has, with
+the config it was trained with (or a `--config` that changes what is evaluated,
+not the architecture), and writes into `DIR/eval/step_<N>/<split>_<mode>/`
+(mode: `paper` or `deterministic`) `metrics.json`, `images/<name>_{real_a,
+fake_b,real_b}.png` and `index.html`, the images with their scores, worst first;
+`DIR/eval/step_<N>/index.html` links the modes and splits evaluated.
 
-Besides L1, PSNR and SSIM, metrics.json holds the paper's own scores where
+Besides L1, PSNR, SSIM and LPIPS (`perceptual`, where its package is installed),
+metrics.json holds the paper's own scores where
 the data allows them: the colour statistics of Figure 7 for RGB outputs
 (`color_stats`: Lab histogram intersections and distance, mean chroma), and,
 with `config.eval.fcn_score` on data with class maps (synthetic
@@ -33,14 +37,35 @@ from jax.experimental import multihost_utils
 
 from p2p_jax import checkpoints
 from p2p_jax import color_stats
+from p2p_jax import config_checks
 from p2p_jax import devices
 from p2p_jax import images
 from p2p_jax import input_pipeline
 from p2p_jax import metrics as metrics_lib
+from p2p_jax import perceptual
 from p2p_jax import segmentation
 from p2p_jax import step as step_lib
+from p2p_jax import workdir as workdir_lib
+from p2p_jax.datasets.errors import DataError
 
 _METRICS = ("l1", "psnr", "ssim")
+_WORST = 10          # metrics.json names this many images of the split with the highest L1
+
+
+def mode_name(deterministic: bool) -> str:
+  """'paper' or 'deterministic': the test mode, as a directory and metrics.json name it."""
+  return "deterministic" if deterministic else "paper"
+
+
+def result_dir(workdir: str, step: int, split: str, deterministic: bool) -> str:
+  """Where eval writes one test mode of one split: eval/step_N/<split>_<mode>/."""
+  return os.path.join(workdir, "eval", f"step_{step}", f"{split}_{mode_name(deterministic)}")
+
+
+def describe_data(config: ml_collections.ConfigDict) -> str:
+  """'synthetic:labels2facades', 'folder:/data/facades' or 'tfds:facades'."""
+  where = config.data.dir if config.data.source == "folder" else config.data.name
+  return f"{config.data.source}:{where}"
 
 
 def describe_test_mode(deterministic: bool) -> str:
@@ -101,8 +126,11 @@ def evaluate_split(replicated_state: step_lib.TrainState, config: ml_collections
     # The limit is global; each process evaluates its own contiguous part of the split.
     part = -(-input_pipeline.num_examples(config, split) // jax.process_count())
     max_images = min(part, max(0, max_images - jax.process_index() * part))
-  totals = {name: 0.0 for name in _METRICS}
-  count, saved_names = 0, []
+  metrics = _METRICS + ("lpips",)
+  totals = {name: 0.0 for name in metrics}
+  count, saved = 0, {}            # saved: name -> its per-image metrics
+  worst: list[tuple[float, str]] = []
+  lpips, lpips_checked = None, False
   if out_dir:
     epath.Path(out_dir, "images").mkdir(parents=True, exist_ok=True)
   for batch, fake_b, scores in translate_split(replicated_state, config, split,
@@ -110,77 +138,126 @@ def evaluate_split(replicated_state: step_lib.TrainState, config: ml_collections
     keep = batch["mask"].copy()
     if max_images >= 0:
       keep &= np.cumsum(keep) + count <= max_images
-    for name in _METRICS:
-      totals[name] += float(np.sum(scores[name][keep]))
+    if not lpips_checked:
+      lpips, lpips_checked = perceptual.create(config.eval.get("lpips", ""),
+                                               fake_b.shape[1:3]), True
+    if lpips is not None:
+      scores["lpips"] = lpips(fake_b, batch["real_b"])
+    for name in metrics:
+      if name in scores:
+        totals[name] += float(np.sum(scores[name][keep]))
     for score in extra_scores:
       score.add(batch, fake_b, keep)
+    for i in np.flatnonzero(keep):
+      worst = sorted(worst + [(float(scores["l1"][i]), str(batch["name"][i]))])[-_WORST:]
     if out_dir and jax.process_index() == 0:
       for i in np.flatnonzero(keep):
-        if save_images >= 0 and len(saved_names) >= save_images:
+        if save_images >= 0 and len(saved) >= save_images:
           break
         name = images.safe_name(batch["name"][i])
         for kind, image in (("real_a", batch["real_a"][i]), ("fake_b", fake_b[i]),
                             ("real_b", batch["real_b"][i])):
           images.save_png(os.path.join(out_dir, "images", f"{name}_{kind}.png"), image)
-        saved_names.append(name)
+        saved[name] = {metric: float(scores[metric][i]) for metric in metrics if metric in scores}
     count += int(keep.sum())
     if 0 <= max_images <= count:
       break
-  sums = np.array([count] + [totals[n] for n in _METRICS], np.float64)
+  sums = np.array([count] + [totals[n] for n in metrics], np.float64)
   if jax.process_count() > 1:
     sums = np.asarray(multihost_utils.process_allgather(sums)).sum(axis=0)
   num_images = int(sums[0])
   if num_images == 0:
-    raise ValueError(f"The {split!r} split of {config.data.source}:{config.data.name} is empty.")
-  result = {name: float(sums[i + 1] / num_images) for i, name in enumerate(_METRICS)}
+    raise DataError(f"the {split!r} split of {describe_data(config)}",
+                    "is empty; pick another with --config.data.eval_split")
+  result = {name: float(sums[i + 1] / num_images) for i, name in enumerate(metrics)
+            if name != "lpips" or lpips is not None}
+  if lpips is not None:
+    result["lpips_net"] = lpips.net
   for score in extra_scores:
     result.update(score.result())
   result.update(num_images=num_images, split=split, deterministic=deterministic,
-                test_mode=describe_test_mode(deterministic))
+                test_mode=describe_test_mode(deterministic),
+                mode=mode_name(deterministic), data=describe_data(config),
+                # With several processes: the worst of process 0's part of the split.
+                worst_l1=[{"name": name, "l1": l1} for l1, name in reversed(worst)])
   if out_dir and jax.process_index() == 0:
     images.write_index_html(os.path.join(out_dir, "index.html"),
-                            f"{os.path.basename(out_dir)}: {split}", saved_names, result)
+                            f"{os.path.basename(out_dir)}: {split}", saved, result)
   return result
 
 
-def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | None = None
-                  ) -> step_lib.TrainState:
-  """The unreplicated TrainState of `workdir`'s checkpoint `step` (default: the latest)."""
-  template = step_lib.create_train_state(jax.random.key(0), config, steps_per_epoch=1)
+def restore_checkpoint(workdir: str, step: int | None = None) -> checkpoints.Restored:
+  """`workdir`'s checkpoint `step` (default: the newest that verifies), verified, on the host.
+
+  Its `config` is the one it was trained with (for checkpoints saved without one,
+  the workdir's config.json).
+  """
+  fallback = workdir_lib.load_config(workdir) if workdir_lib.has_config(workdir) else None
+  templates = {}
+
+  def template_for(saved: ml_collections.ConfigDict | None) -> step_lib.TrainState:
+    model_config = saved or fallback or workdir_lib.load_config(workdir)   # raises: no run
+    key = model_config.to_json(sort_keys=True)
+    if key not in templates:
+      templates[key] = step_lib.create_train_state(jax.random.key(0), model_config,
+                                                   steps_per_epoch=1)
+    return templates[key]
+
   checkpointer = checkpoints.Checkpointer(workdir, read_only=True)
   try:
-    return checkpointer.restore(template, step)
+    restored = checkpointer.restore(template_for, step)
   finally:
     checkpointer.close()
+  return restored._replace(config=restored.config or fallback)
 
 
-def with_saved_model(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """`config` with the architecture and image size of the run saved in `workdir`."""
-  saved = checkpoints.load_config(workdir)
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model = saved.model
-  for field in ("crop_size", "direction"):
-    config.data[field] = saved.data[field]
-  return config
+def restore_state(workdir: str, step: int | None = None) -> step_lib.TrainState:
+  """The unreplicated TrainState of `workdir`'s checkpoint `step` (default: the newest)."""
+  return restore_checkpoint(workdir, step).state
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Restores a checkpoint of `workdir`, evaluates `config.data.eval_split`, writes the results."""
-  config = with_saved_model(config, workdir)
-  step = None if config.eval.step < 0 else config.eval.step
-  state = restore_state(config, workdir, step)
-  step = int(state.step)
+EVAL_FIXED_FIELDS = ("model.", "data.crop_size", "data.direction")   # the checkpoint's own
+
+
+def evaluate(config: ml_collections.ConfigDict | None, workdir: str) -> dict[str, Any]:
+  """Restores a checkpoint of `workdir`, evaluates `config.data.eval_split`, writes the results.
+
+  `config` None: the checkpoint's own config, as it was trained. A config may
+  change what evaluation reads and how (split, data, batch size, number of
+  images, test mode, step), not the architecture: a field of EVAL_FIXED_FIELDS
+  that differs from the checkpoint's is a ConfigError naming it.
+  """
+  if config is not None:
+    config_checks.check_config(config, train=False)
+  step = None if config is None or config.eval.step < 0 else config.eval.step
+  restored = restore_checkpoint(workdir, step)
+  # Every process, so that all stop together; before the evaluation, not after it.
+  workdir_lib.check_writable(os.path.join(workdir, "eval"))
+  if config is None:
+    config = restored.config
+  else:
+    workdir_lib.check_same_run(
+        config, workdir_lib.as_dict(restored.config), workdir, fields=EVAL_FIXED_FIELDS,
+        hint="Evaluation uses the checkpoint's architecture: drop that override (eval needs "
+             "no --config at all).")
+  step = restored.step
+  split = config.data.eval_split
   logging.info("Evaluating step %d of %s on %d device(s), %s.", step, workdir,
                jax.device_count(), describe_test_mode(config.eval.deterministic))
-  out_dir = os.path.join(workdir, "eval", f"step_{step}")
-  result = evaluate_split(devices.replicate(state), config, config.data.eval_split,
+  out_dir = result_dir(workdir, step, split, config.eval.deterministic)
+  result = evaluate_split(devices.replicate(restored.state), config, split,
                           deterministic=config.eval.deterministic, out_dir=out_dir,
                           max_images=config.eval.num_images, save_images=config.eval.save_images,
                           extra_scores=_extra_scores(config, workdir))
   result["step"] = step
   if jax.process_index() == 0:
     epath.Path(out_dir, "metrics.json").write_text(json.dumps(result, indent=2))
-  logging.info("Eval step %d: %s", step, json.dumps(result))
+    images.write_step_index(os.path.dirname(out_dir), f"step {step} of {workdir}")
+  logging.info("Eval of step %d, %s split, %s test mode, %d images: L1 %.4f, PSNR %.2f dB, "
+               "SSIM %.3f. Wrote %s and %s (the images with their scores, worst first).", step,
+               split, result["mode"], result["num_images"], result["l1"], result["psnr"],
+               result["ssim"], os.path.join(out_dir, "metrics.json"),
+               os.path.join(out_dir, "index.html"))
   return result
 
 

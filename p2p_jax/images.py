@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import html
+import json
 import os
-from typing import Sequence
 
 import numpy as np
 from etils import epath
@@ -59,24 +59,71 @@ def sample_grid(real_a: np.ndarray, fake_b: np.ndarray, real_b: np.ndarray,
   return (np.concatenate(rows, axis=0).astype(np.float32) + 1) / 2
 
 
-def write_index_html(path: str, title: str, names: Sequence[str], summary: dict) -> None:
-  """A table of `images/<name>_{real_a,fake_b,real_b}.png` with the metrics above it."""
+def write_index_html(path: str, title: str, rows: dict[str, dict[str, float]],
+                     summary: dict) -> None:
+  """A page of `images/<name>_{real_a,fake_b,real_b}.png`, each row with its scores.
+
+  `rows`: name -> per-image scores ('l1', and 'lpips' where computed). The rows
+  come worst first (highest LPIPS, else L1); the page can re-sort them by name.
+  A summary line of `summary`'s main figures heads the page, its whole table below.
+  """
+  key = "lpips" if any("lpips" in r for r in rows.values()) else "l1"
+  order = sorted(rows, key=lambda name: -rows[name].get(key, 0.0))
+  shown = [m for m in ("l1", "lpips", "psnr", "ssim") if any(m in r for r in rows.values())]
+  line = ", ".join(f"{m.upper()} {summary[m]:.4g}" for m in ("l1", "lpips", "psnr", "ssim")
+                   if isinstance(summary.get(m), float))
+  head = (f"{summary.get('num_images', '?')} images of the {summary.get('split', '?')} split, "
+          f"{summary.get('mode', '?')} test mode: {line}.")
   lines = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
            f"<title>{html.escape(title)}</title>",
            "<style>body{font-family:sans-serif} td{padding:4px;text-align:center}"
-           " img{width:256px;image-rendering:pixelated}</style></head><body>",
-           f"<h1>{html.escape(title)}</h1>", "<table><tr>"]
+           " img{width:256px;image-rendering:pixelated} th{cursor:pointer}</style>",
+           # sign: +1 puts the highest first (L1, LPIPS: worst first), -1 the lowest (PSNR,
+           # SSIM: worst first too), 0 sorts by name.
+           "<script>function sortBy(col, sign) {"
+           " const t = document.getElementById('rows'); const r = Array.from(t.rows).slice(1);"
+           " r.sort((a, b) => sign ? sign * (b.cells[col].dataset.v - a.cells[col].dataset.v)"
+           " : a.cells[col].textContent.localeCompare(b.cells[col].textContent));"
+           " r.forEach(x => t.tBodies[0].appendChild(x)); }</script></head><body>",
+           f"<h1>{html.escape(title)}</h1>", f"<p><b>{html.escape(head)}</b></p>",
+           "<table><tr>"]
   lines += [f"<td><b>{html.escape(str(k))}</b><br>{html.escape(str(v))}</td>"
-            for k, v in summary.items()]
-  lines += ["</tr></table>", "<table>",
-            "<tr><th>name</th><th>input (real_a)</th><th>output (fake_b)</th>"
-            "<th>target (real_b)</th></tr>"]
-  for name in names:
+            for k, v in summary.items() if not isinstance(v, (list, dict))]
+  lines += ["</tr></table>",
+            f"<p>The first {len(rows)} images of the split, worst first by {key.upper()}; click "
+            "a column's title to sort by it (scores worst first).</p>",
+            "<table id='rows'><tbody><tr><th onclick='sortBy(0, 0)'>name</th>"]
+  lines += [f"<th onclick='sortBy({i + 1}, {1 if m in ('l1', 'lpips') else -1})'>{m.upper()}"
+            "</th>" for i, m in enumerate(shown)]
+  lines += ["<th>input (real_a)</th><th>output (fake_b)</th><th>target (real_b)</th></tr>"]
+  for name in order:
+    scores = "".join(f"<td class='{m}' data-v='{rows[name].get(m, 0.0):.6g}'>"
+                     f"{rows[name].get(m, 0.0):.4f}</td>" for m in shown)
     cells = "".join(f"<td><img src='images/{html.escape(name)}_{kind}.png'></td>"
                     for kind in ("real_a", "fake_b", "real_b"))
-    lines.append(f"<tr><td>{html.escape(name)}</td>{cells}</tr>")
-  lines += ["</table></body></html>"]
+    lines.append(f"<tr><td>{html.escape(name)}</td>{scores}{cells}</tr>")
+  lines += ["</tbody></table></body></html>"]
   epath.Path(path).write_text("\n".join(lines))
+
+
+def write_step_index(step_dir: str, title: str) -> None:
+  """`step_dir/index.html`: a line and a link for each evaluation under it (split, mode)."""
+  entries = []
+  for child in sorted(epath.Path(step_dir).iterdir()):
+    metrics_path = child / "metrics.json"
+    if metrics_path.exists():
+      entries.append((child.name, json.loads(metrics_path.read_text())))
+  lines = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
+           f"<title>{html.escape(title)}</title></head><body style='font-family:sans-serif'>",
+           f"<h1>{html.escape(title)}</h1>", "<ul>"]
+  for name, metrics in entries:
+    figures = ", ".join(f"{m.upper()} {metrics[m]:.4g}" for m in ("l1", "lpips", "psnr", "ssim")
+                        if isinstance(metrics.get(m), float))
+    lines.append(f"<li><a href='{html.escape(name)}/index.html'>{html.escape(name)}</a>: "
+                 f"{metrics.get('num_images', '?')} images, {html.escape(figures)}; "
+                 f"{html.escape(str(metrics.get('test_mode', '')))}</li>")
+  lines += ["</ul></body></html>"]
+  epath.Path(step_dir, "index.html").write_text("\n".join(lines))
 
 
 def safe_name(name: str) -> str:

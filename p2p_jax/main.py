@@ -1,7 +1,7 @@
 """Entry point: train or evaluate pix2pix.
 
   python -m p2p_jax.main --config=configs/edges2shoes.py --workdir=runs/shoes
-  python -m p2p_jax.main --config=configs/edges2shoes.py --workdir=runs/shoes --mode=eval
+  python -m p2p_jax.main --workdir=runs/shoes --mode=eval    # the checkpoint's own config
 
 Kept short on purpose: it parses flags, sets up the (optional) multi-process
 runtime, keeps TensorFlow (which only reads data) off the accelerators and hands
@@ -9,12 +9,13 @@ over to `train.train_and_evaluate` or `evaluate.evaluate`.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from p2p_jax import cli
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the saved config.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming if possible) or evaluate.")
@@ -23,8 +24,11 @@ flags.DEFINE_bool("distributed", os.environ.get("P2P_JAX_DISTRIBUTED", "") == "1
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --distributed.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, for --distributed.")
 flags.DEFINE_integer("process_id", None, "This process's index, for --distributed.")
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+config_flags.DEFINE_config_file(
+    "config", None, "Configuration file (training). Eval reads the checkpoint's own; a --config "
+    "there may change what is evaluated (split, data, eval.*), not the architecture.",
+    lock_config=True)
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -38,28 +42,20 @@ def main(argv):
     raise app.UsageError("--coordinator_address, --num_processes and --process_id need "
                          "--distributed (or P2P_JAX_DISTRIBUTED=1).")
   from p2p_jax import devices  # pylint: disable=g-import-not-at-top
+  devices.hide_accelerators_from_tensorflow()   # first: the imports below load TensorFlow
   from p2p_jax import evaluate  # pylint: disable=g-import-not-at-top
   from p2p_jax import monitoring  # pylint: disable=g-import-not-at-top
   from p2p_jax import train  # pylint: disable=g-import-not-at-top
-  devices.hide_accelerators_from_tensorflow()
-  monitoring.quiet_library_logs()
+  monitoring.quiet_library_logs(keep_tracebacks=cli.tracebacks_wanted())
 
   logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
-  try:
-    if FLAGS.mode == "train":
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    else:
-      evaluate.evaluate(FLAGS.config, FLAGS.workdir)
-  except Exception:  # pylint: disable=broad-except
-    if jax.process_count() == 1:
-      raise
-    # The other processes wait on this one in a collective, and JAX's exit handler
-    # would wait on them: report and leave now, so the launcher sees the failure.
-    logging.exception("Process %d failed; exiting.", jax.process_index())
-    logging.flush()
-    sys.stderr.flush()
-    os._exit(1)  # pylint: disable=protected-access
+  if FLAGS.mode == "train":
+    if FLAGS.config is None:
+      raise app.UsageError("Training needs --config, e.g. --config=configs/demo.py.")
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    evaluate.evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def _initialize_distributed() -> None:
@@ -77,4 +73,4 @@ def _initialize_distributed() -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,11 +6,13 @@ import logging as pylogging
 import os
 import signal
 import threading
+import time
+import traceback
 from typing import Any
 
 import jax
 import numpy as np
-from absl import logging as absl_logging
+from absl import logging
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -76,6 +78,60 @@ class MetricWindow:
     return self._pending
 
 
+def format_duration(seconds: float) -> str:
+  """'12s', '5m08s', '2h05m', '3d04h': two units at most, for logs a person reads."""
+  seconds = max(0, int(round(seconds)))
+  days, rest = divmod(seconds, 86400)
+  hours, rest = divmod(rest, 3600)
+  minutes, secs = divmod(rest, 60)
+  if days:
+    return f"{days}d{hours:02d}h"
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Progress:
+  """A progress line every `every_seconds`: step, steps/s, images/s and the time left.
+
+  The rate is that of every step since the first one this run made (which
+  compiles, and is not counted), so the estimate settles and then falls
+  steadily instead of jumping with each window's noise. The rate also goes to
+  the writer as `steps_per_sec`.
+  """
+
+  def __init__(self, first_step: int, num_steps: int, batch_size: int, writer: Any,
+               every_seconds: float = 60.0, clock=time.monotonic):
+    self._num_steps, self._batch_size = num_steps, batch_size
+    self._writer, self._every, self._clock = writer, every_seconds, clock
+    self._start_step, self._start_time = first_step, None
+    self._last_report = None
+
+  def __call__(self, step: int) -> str | None:
+    """Call after each step; returns the line when one was logged."""
+    now = self._clock()
+    if self._start_time is None:           # the first step: compiled, timed from here
+      self._start_step, self._start_time, self._last_report = step, now, now
+      return None
+    if now - self._last_report < self._every and step != self._num_steps:
+      return None
+    self._last_report = now
+    rate = (step - self._start_step) / max(now - self._start_time, 1e-9)
+    left = (self._num_steps - step) / rate if rate > 0 else float("inf")
+    line = (f"step {step:,}/{self._num_steps:,} ({100 * step / self._num_steps:.1f}%): "
+            f"{rate:.2f} steps/s, {rate * self._batch_size:.1f} images/s, "
+            f"{format_duration(left)} left")
+    logging.info("%s", line)
+    self._writer.write_scalars(step, {"steps_per_sec": rate})
+    return line
+
+  def rate(self, step: int) -> float | None:
+    """Steps per second since the first step, or None before a second one."""
+    if self._start_time is None or step <= self._start_step:
+      return None
+    return (step - self._start_step) / max(self._clock() - self._start_time, 1e-9)
+
+
 class StopRequest:
   """Turns SIGTERM (a scheduler's or a preemption notice) into a flag the loop checks,
   so the loop can write a checkpoint and exit cleanly instead of dying mid-step."""
@@ -102,17 +158,50 @@ class StopRequest:
     self._previous = {}
 
 
+# Orbax warns of what a reader asked for: eval and predict open checkpoints read-only.
+_ORBAX_NOTICES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
+
+
 class _LibraryInfoFilter(pylogging.Filter):
-  """Drops the INFO chatter of Orbax (a dozen lines per save) and JAX's backend probing."""
+  """Drops the INFO chatter of Orbax (a dozen lines per save) and JAX's backend probing, and
+  (unless asked to keep them) the tracebacks Orbax's threads log for an error they pass on."""
   _NOISY = (f"{os.sep}orbax{os.sep}", "xla_bridge.py", "signaling_client.py")
+  _ORBAX = f"{os.sep}orbax{os.sep}"
+
+  def __init__(self, keep_tracebacks: bool = False):
+    super().__init__()
+    self.keep_tracebacks = keep_tracebacks
 
   def filter(self, record: pylogging.LogRecord) -> bool:
+    if record.exc_info and not self.keep_tracebacks and self._from_orbax(record):
+      # The error also reaches the caller, which says it in one line: keep the first
+      # line of Orbax's message, without the traceback of its thread.
+      record.msg, record.args = _first_line(record.getMessage()), None
+      record.exc_info = record.exc_text = None
+    if self._ORBAX in record.pathname and record.getMessage().startswith(_ORBAX_NOTICES):
+      return False
     return record.levelno >= pylogging.WARNING or not any(
         part in record.pathname for part in self._NOISY)
 
 
-def quiet_library_logs() -> None:
-  """Keeps the console to this project's messages and every library's warnings."""
-  handler = absl_logging.get_absl_handler()
-  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
-    handler.addFilter(_LibraryInfoFilter())
+  def _from_orbax(self, record: pylogging.LogRecord) -> bool:
+    # Also asyncio's "Task exception was never retrieved" for a write Orbax abandoned.
+    frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info[2] else []
+    return self._ORBAX in record.pathname or any(self._ORBAX in f.filename for f in frames)
+
+
+def _first_line(text: str) -> str:
+  lines = text.strip().splitlines()
+  return lines[0][:300] if lines else ""
+
+
+def quiet_library_logs(keep_tracebacks: bool = False) -> None:
+  """Keeps the console to this project's messages and every library's warnings.
+
+  Errors that Orbax's background threads log with a traceback and then hand to
+  the caller (a failed save) are left to the caller, unless `keep_tracebacks`.
+  """
+  handler = logging.get_absl_handler()
+  for old in [f for f in handler.filters if isinstance(f, _LibraryInfoFilter)]:
+    handler.removeFilter(old)
+  handler.addFilter(_LibraryInfoFilter(keep_tracebacks))

@@ -3,8 +3,8 @@
   python -m p2p_jax.predict --workdir=runs/demo --input=photo.png --output=out.png
   python -m p2p_jax.predict --workdir=runs/demo --input=folder/ --output=out_folder/
 
-Reads the architecture from `workdir/config.json` and the latest (or --step)
-checkpoint. Any size and channel count is accepted: `--fit=resize` (default,
+Restores the newest checkpoint that verifies (or --step) with the config it was
+trained with, which gives the architecture. Any size and channel count is accepted: `--fit=resize` (default,
 as the official test script) resizes to the training crop size and the result
 back to the original size; `--fit=pad` keeps the native resolution, padding by
 reflection to the next size the U-Net accepts and cropping the result. The
@@ -20,12 +20,11 @@ from typing import Iterator
 
 import jax
 import numpy as np
-from absl import app
 from absl import flags
 from absl import logging
 from PIL import Image
 
-from p2p_jax import checkpoints
+from p2p_jax import cli
 from p2p_jax import evaluate
 from p2p_jax import images
 from p2p_jax import monitoring
@@ -62,9 +61,9 @@ def translate_files(workdir: str, files: list[tuple[str, str]], *, step: int = -
                     fit: str = "resize", deterministic: bool = False, paired: bool = False,
                     seed: int = 0) -> Iterator[tuple[str, np.ndarray | DataError]]:
   """Yields (relative name, fake_b uint8 [H, W, C_out] at the input's size) or the DataError."""
-  config = checkpoints.load_config(workdir)
-  state = evaluate.restore_state(config, workdir, None if step < 0 else step)
-  logging.info("Translating %d image(s) with step %d of %s.", len(files), int(state.step), workdir)
+  restored = evaluate.restore_checkpoint(workdir, None if step < 0 else step)
+  config, state = restored.config, restored.state
+  logging.info("Translating %d image(s) with step %d of %s.", len(files), restored.step, workdir)
   rng = jax.random.key(seed)
   for index, (path, name) in enumerate(files):
     try:
@@ -115,7 +114,7 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
-  monitoring.quiet_library_logs()
+  monitoring.quiet_library_logs(keep_tracebacks=cli.tracebacks_wanted())
   files = _input_files(FLAGS.input)
   single = len(files) == 1 and not os.path.isdir(FLAGS.input)
   failures = []
@@ -139,4 +138,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

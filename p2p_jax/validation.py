@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import difflib
+from typing import Any, Sequence
 
 
-def check_choice(field: str, value: str, choices: Sequence[str]) -> None:
-  """Raises ValueError naming `field` and the valid `choices` unless `value` is one of them."""
+class ConfigError(ValueError):
+  """A config value that cannot work, or that differs from the run it would continue.
+
+  The message names the field, the value and the fix.
+  """
+
+
+def did_you_mean(value: Any, choices: Sequence[str]) -> str:
+  """' (did you mean 'batch'?)' for a near miss among `choices` (case aside), else ''."""
+  folded = {choice.lower(): choice for choice in choices}
+  close = difflib.get_close_matches(str(value).lower(), list(folded), n=1, cutoff=0.6)
+  return f" (did you mean {folded[close[0]]!r}?)" if close else ""
+
+
+def check_choice(field: str, value: Any, choices: Sequence[str], fix: str = "") -> None:
+  """Raises ConfigError naming `field`, the valid `choices` and a near miss unless `value` is
+  one of them; `fix` is appended (e.g. which flag to pass)."""
   if value not in choices:
-    raise ValueError(f"{field}={value!r} is not one of {', '.join(map(repr, choices))}.")
+    raise ConfigError(f"{field}={value!r} is not one of {', '.join(map(repr, choices))}"
+                      f"{did_you_mean(value, choices)}.{' ' + fix if fix else ''}")

@@ -107,7 +107,7 @@ def test_two_rows_stop_resume_write_the_table_and_skip_when_done(tmp_path, monke
   assert "4 steps at batch 8" in table
   figure = Image.open(os.path.join(workdir, "table1.png"))
   assert figure.height > 4 * 128 and figure.width > 4 * 128       # input, 2 rows, target; 4 images
-  with open(os.path.join(workdir, "l1", "eval", "step_4", "metrics.json")) as f:
+  with open(os.path.join(workdir, "l1", "eval", "step_4", "test_paper", "metrics.json")) as f:
     metrics = json.load(f)
   for key in ("fcn_per_pixel_acc", "fcn_class_iou", "fcn_real_per_pixel_acc",
               "ab_hist_distance", "mean_chroma_fake", "l1"):

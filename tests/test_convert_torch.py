@@ -13,11 +13,11 @@ import torch
 from torch import nn as torch_nn
 
 from configs import default
-from p2p_jax import checkpoints
 from p2p_jax import convert_torch
 from p2p_jax import evaluate
 from p2p_jax import models
 from p2p_jax import step as step_lib
+from p2p_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Official-format weights and their PyTorch outputs (tests/data/fidelity/README.md).
@@ -351,9 +351,10 @@ def test_command_line_conversion_gives_a_run_that_eval_and_predict_use(vectors, 
   assert "D is initialised fresh" in result.stderr
   assert (tmp_path / "cache" / "facades_label2photo.pth").exists()
 
-  config = checkpoints.load_config(str(workdir))
+  restored = evaluate.restore_checkpoint(str(workdir))
+  config, state = restored.config, restored.state
   assert config.model.ngf == 8 and config.data.direction == "BtoA"
-  state = evaluate.restore_state(config, str(workdir))
+  assert config.to_dict() == workdir_lib.load_config(str(workdir)).to_dict()
   assert int(state.step) == 0
   generator = state.settings.generator.clone(bn_axis_name=None)
   fake_b, _ = generator.apply(state.generator.variables(), vectors["real_a"],

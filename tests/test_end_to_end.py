@@ -3,6 +3,9 @@ train, kill and resume, SIGTERM, NaN stop, eval on another device count, predict
 
 import json
 import os
+import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,9 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from absl import flags
 from clu import metric_writers
-from ml_collections import config_flags
 from PIL import Image
 
 from configs import default
@@ -22,6 +23,8 @@ from p2p_jax import evaluate
 from p2p_jax import monitoring
 from p2p_jax import step as step_lib
 from p2p_jax import train
+from p2p_jax import validation
+from p2p_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,7 +104,7 @@ def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("unbroken"))
   writer = _RecordingWriter()
   config = _smoke_config(num_train_steps=40, log_every_steps=10, image_every_steps=20,
-                         eval_every_steps=20)
+                         eval_every_steps=20, checkpoint_every_steps=20)
   state = train.train_and_evaluate(config, workdir, writer=writer)
   return workdir, state, writer
 
@@ -115,10 +118,11 @@ def test_training_writes_config_checkpoints_and_summaries(trained):
   assert {"val/l1", "val/psnr", "val/ssim"} <= set(writer.scalars[20])
   grid = writer.images[20]["samples/input_output_target"]
   assert grid.shape == (1, 4 * 32, 3 * 32, 3) and 0 <= grid.min() and grid.max() <= 1
-  saved = checkpoints.load_config(workdir)
+  saved = workdir_lib.load_config(workdir)
   assert saved.model.ngf == 8 and saved.num_train_steps == 40
   assert os.path.exists(os.path.join(workdir, "config.yaml"))
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "40"
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "40"]
+  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))   # released
 
 
 def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
@@ -193,7 +197,7 @@ def test_a_bad_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
     train.train_and_evaluate(config, workdir)
   assert "last good checkpoint (step 2)" in str(error.value)
   assert checkpoints.Checkpointer(workdir, read_only=True).all_steps() == [2]
-  state = evaluate.restore_state(config, workdir)
+  state = evaluate.restore_state(workdir)
   assert all(np.isfinite(leaf).all() and np.abs(leaf).max() < 1e3 for leaf in _params(state))
 
 
@@ -210,28 +214,45 @@ def test_max_loss_bounds_the_losses_only_and_zero_turns_it_off():
   calm.check_finite(None, 1e4)                         # the learning rate is no loss
 
 
-def test_eval_on_one_device_of_a_run_trained_on_eight(trained):
+def test_eval_on_one_device_of_a_run_trained_on_eight_needs_no_config(trained):
   workdir, _, _ = trained
-  _run("p2p_jax.main", "--config=configs/default.py:smoke", f"--workdir={workdir}", "--mode=eval",
-       "--config.eval.deterministic=True", devices=1)
-  out = os.path.join(workdir, "eval", "step_40")
+  result = _run("p2p_jax.main", f"--workdir={workdir}", "--mode=eval", devices=1)
+  out = evaluate.result_dir(workdir, 40, "test", deterministic=False)
   with open(os.path.join(out, "metrics.json")) as f:
-    result = json.load(f)
-  assert result["step"] == 40 and result["num_images"] == 8 and result["deterministic"] is True
-  assert 0 < result["l1"] < 2 and result["psnr"] > 0 and -1 <= result["ssim"] <= 1
-  assert "running BatchNorm statistics" in result["test_mode"]
+    metrics = json.load(f)
+  assert metrics["step"] == 40 and metrics["num_images"] == 8 and metrics["mode"] == "paper"
+  assert metrics["split"] == "test" and metrics["data"] == "synthetic:edges2objects"
+  assert 0 < metrics["l1"] < 2 and metrics["psnr"] > 0 and -1 <= metrics["ssim"] <= 1
+  assert "own BatchNorm statistics" in metrics["test_mode"]
+  worst = [entry["l1"] for entry in metrics["worst_l1"]]
+  assert len(worst) == 8 and worst == sorted(worst, reverse=True)
   names = sorted(os.listdir(os.path.join(out, "images")))
   assert len(names) == 3 * 4 and names[0].endswith("_fake_b.png")   # eval.save_images = 4
   with open(os.path.join(out, "index.html")) as f:
     page = f.read()
-  assert page.count("<img") == 12 and "psnr" in page
+  assert page.count("<img") == 12 and "8 images of the test split, paper test mode: L1" in page
+  assert metrics["lpips_net"] == "alexnet" and 0 < metrics["lpips"] < 1   # 32 px: just enough
+  shown = [float(v) for v in re.findall(r"<td class='lpips' data-v='([0-9.e+-]+)'>", page)]
+  assert len(shown) == 4 and shown == sorted(shown, reverse=True)          # worst first
+  assert f"Wrote {out}/metrics.json and {out}/index.html" in result.stderr
 
 
-def test_eval_paper_mode_matches_in_process(trained):
+def test_each_test_mode_has_its_own_directory_and_the_architecture_is_the_checkpoints(trained):
   workdir, _, _ = trained
-  result = evaluate.evaluate(_smoke_config(), workdir)
-  assert result["deterministic"] is False and "own BatchNorm statistics" in result["test_mode"]
-  assert result["num_images"] == 8
+  paper = evaluate.evaluate(_smoke_config(), workdir)
+  deterministic = evaluate.evaluate(_smoke_config(eval__deterministic=True), workdir)
+  assert (paper["mode"], deterministic["mode"]) == ("paper", "deterministic")
+  assert paper["l1"] != deterministic["l1"]
+  for result in (paper, deterministic):
+    with open(os.path.join(evaluate.result_dir(workdir, 40, "test", result["deterministic"]),
+                           "metrics.json")) as f:
+      assert json.load(f)["l1"] == result["l1"]        # neither overwrote the other
+  with open(os.path.join(workdir, "eval", "step_40", "index.html")) as f:
+    overview = f.read()
+  assert "test_paper/index.html" in overview and "test_deterministic/index.html" in overview
+  with pytest.raises(validation.ConfigError, match=r"config.model.ngf=8, but this config says "
+                     r"16\. Evaluation uses the checkpoint's architecture"):
+    evaluate.evaluate(_smoke_config(model__ngf=16), workdir)
 
 
 def test_predict_a_folder_of_mixed_images(trained, tmp_path):
@@ -259,9 +280,84 @@ def test_predict_a_folder_of_mixed_images(trained, tmp_path):
   assert Image.open(out / "rgb.png").mode == "RGB"
 
 
-def test_unknown_config_field_is_named():
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True)
-  with pytest.raises(Exception, match="ngff"):
-    flag_values(["prog", f"--config={ROOT}/configs/default.py", "--config.model.ngff=3"])
-    _ = flag_values.config
+def _snapshot(workdir):
+  """Every file under `workdir` with its bytes."""
+  found = {}
+  for folder, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(folder, name)
+      with open(path, "rb") as f:
+        found[os.path.relpath(path, workdir)] = f.read()
+  return found
+
+
+def test_a_refused_run_leaves_the_workdir_as_it_was_and_a_resume_keeps_a_history(trained,
+                                                                                  tmp_path):
+  source, unbroken, _ = trained
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(source, workdir)
+  before = _snapshot(workdir)
+  other_model = _smoke_config(num_train_steps=42, model__ngf=16)
+  with pytest.raises(validation.ConfigError, match=r"config.model.ngf=8, but this config says 16"):
+    train.train_and_evaluate(other_model, workdir, writer=_RecordingWriter())
+  with workdir_lib.TrainLock(workdir):                 # another job trains here
+    with pytest.raises(workdir_lib.WorkdirError, match="in use by another training job"):
+      train.train_and_evaluate(_smoke_config(num_train_steps=42), workdir)
+  assert _snapshot(workdir) == before
+
+  # A resume under another learning rate: the change is kept, each checkpoint says its own.
+  config = _smoke_config(num_train_steps=42, checkpoint_every_steps=20)
+  config.optim.learning_rate = 1e-4
+  assert int(train.train_and_evaluate(config, workdir, writer=_RecordingWriter()).step) == 42
+  entries = workdir_lib.history(workdir)
+  assert [e["start_step"] for e in entries] == [0, 40]
+  assert entries[1]["changed"]["optim.learning_rate"] == [2e-4, 1e-4]
+  assert entries[1]["changed"]["num_train_steps"] == [40, 42]
+  reader = checkpoints.Checkpointer(workdir, read_only=True)
+  assert reader.saved_config(40).optim.learning_rate == 2e-4
+  assert reader.saved_config(42).optim.learning_rate == 1e-4
+  reader.close()
+  assert workdir_lib.load_config(workdir).optim.learning_rate == 1e-4
+
+
+def test_eval_falls_back_from_a_damaged_checkpoint_and_refuses_it_by_number(trained, tmp_path):
+  source, _, _ = trained
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(source, workdir)
+  files = [os.path.join(folder, name)
+           for folder, _, names in os.walk(os.path.join(workdir, "checkpoints", "40", "state"))
+           for name in names if os.sep + "d" + os.sep in os.path.join(folder, name)]
+  biggest = max(files, key=os.path.getsize)
+  data = bytearray(open(biggest, "rb").read())
+  data[len(data) // 2] ^= 0xFF                          # one flipped byte
+  open(biggest, "wb").write(bytes(data))
+
+  assert evaluate.evaluate(_smoke_config(), workdir)["step"] == 20
+  cmd, env = _command("p2p_jax.main", f"--workdir={workdir}", "--mode=eval",
+                      "--config=configs/default.py:smoke", "--config.eval.step=40", devices=1)
+  result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert re.match(r"Error: Checkpoint step 40 .* is damaged: array \S+ .*Steps that verify: "
+                  r"\[20\]", last), result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+
+
+def test_a_full_workdir_stops_training_in_one_line(tmp_path):
+  """The checkpoint's files cannot be written (a file size limit: what a full disk does)."""
+  workdir = str(tmp_path / "full")
+  cmd, env = _command("p2p_jax.main", "--config=configs/default.py:smoke", f"--workdir={workdir}",
+                      "--config.num_train_steps=2", "--config.image_every_steps=0", devices=1)
+
+  def limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # a write past the limit fails, no signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+  result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+  assert result.returncode == 1, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert re.match(r"Error: Could not write checkpoint step 2: \S+ is full \(File too large\): "
+                  r"free space .*no checkpoint was saved before it\.$", last), result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  assert checkpoints.Checkpointer(workdir, read_only=True).all_steps() == []

@@ -12,7 +12,6 @@ import jax
 import numpy as np
 import pytest
 
-from p2p_jax import checkpoints
 from p2p_jax import evaluate
 from tests.test_input_pipeline import indexed_folder
 
@@ -148,7 +147,7 @@ def test_two_processes_train_and_resume_as_one_process_with_four_devices(tmp_pat
   for a, b in zip(leaves_0, leaves_single):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   # The last checkpoint holds exactly the final state.
-  restored = evaluate.restore_state(checkpoints.load_config(multi_dir), multi_dir)
+  restored = evaluate.restore_state(multi_dir)
   for a, b in zip(jax.tree.leaves((restored.step, restored.generator, restored.discriminator)),
                   leaves_0):
     np.testing.assert_array_equal(a, b)
@@ -163,12 +162,15 @@ def test_two_processes_train_and_resume_as_one_process_with_four_devices(tmp_pat
   seen = np.concatenate([indices_0.ravel(), indices_1.ravel()])
   assert len(set(seen.tolist())) == NUM_STEPS * ROWS_PER_STEP and set(seen) <= set(range(36))
 
-  # Only process 0 wrote the config and TensorBoard summaries (one file per run).
+  # Only process 0 wrote the config and TensorBoard summaries (one file per run), and
+  # held the workdir's one lock, released at the end.
   assert os.path.exists(os.path.join(multi_dir, "config.json"))
+  assert not os.path.exists(os.path.join(multi_dir, "train.lock"))
   events = [name for name in os.listdir(multi_dir) if name.startswith("events.out.tfevents")]
   assert len(events) == 2, events
 
-  with open(os.path.join(multi_dir, "eval", f"step_{NUM_STEPS // 2}", "metrics.json")) as f:
+  with open(os.path.join(multi_dir, "eval", f"step_{NUM_STEPS // 2}", "train_deterministic",
+                         "metrics.json")) as f:
     result = json.load(f)
   assert result["step"] == NUM_STEPS // 2 and result["num_images"] == 8
   assert 0 < result["l1"] < 2

@@ -196,3 +196,22 @@ def test_colour_hook_counts_only_kept_rows():
   keep = np.array([True] * 5 + [False])
   hook.add({"real_b": real}, fake, keep)
   assert hook.result()["ab_hist_distance"] == 0.0
+
+
+def test_region_spread_tells_a_blotchy_wall_from_an_even_one():
+  """Two regions per image; the blotchy output paints one of them in two colours."""
+  labels = np.zeros((2, 16, 16), np.int32)
+  labels[:, :, 8:] = 1
+  even = np.zeros((2, 16, 16, 3), np.float32)
+  even[..., 0] = 0.6                              # a reddish wall, left; grey, right
+  even[:, :, 8:] = 0.0
+  blotchy = even.copy()
+  blotchy[:, :8, :8] = [-0.6, 0.6, -0.6]          # half the wall turns green
+  hook = color_stats.ColorStats()
+  hook.add({"real_b": even, "labels": labels}, blotchy, np.ones(2, bool))
+  result = hook.result()
+  assert result["region_ab_spread_real"] == pytest.approx(0.0, abs=1e-3)
+  total, pixels = color_stats.region_spreads(blotchy, labels)
+  assert pixels == 2 * 16 * 16 and result["region_ab_spread_fake"] == pytest.approx(total / pixels)
+  assert result["region_ab_spread_fake"] > 20     # Lab units: a red/green split of one region
+  assert "region_ab_spread_fake" not in color_stats.color_statistics(even, even)   # no labels

@@ -98,12 +98,15 @@ class Pix2pixDownloadTest(tfds.testing.DatasetBuilderTestCase):
   def setUpClass(cls):
     cls._example_dir = tempfile.TemporaryDirectory()
     cls.EXAMPLE_DIR = cls._example_dir.name
+    cls._reachable = mock.patch.object(pix2pix_tfds, "_check_reachable")   # no network here
+    cls._reachable.start()
     _write_tarball(os.path.join(cls.EXAMPLE_DIR, cls.DL_DOWNLOAD_RESULT), _facades_members())
     super().setUpClass()
 
   @classmethod
   def tearDownClass(cls):
     super().tearDownClass()
+    cls._reachable.stop()
     cls._example_dir.cleanup()
 
 
@@ -179,7 +182,8 @@ def test_configs_describe_their_halves(tmp_path):
 
 def test_failed_download_says_where_to_put_the_tarball(tmp_path):
   manual_dir = tmp_path / "manual"
-  with mock.patch(_DOWNLOAD, side_effect=ConnectionError("Network is unreachable")):
+  with mock.patch(_DOWNLOAD, side_effect=ConnectionError("Network is unreachable")), \
+       mock.patch.object(pix2pix_tfds, "_check_reachable"):
     with pytest.raises(DataError) as raised:
       pix2pix_tfds.load_split("maps", "val", str(tmp_path / "data"), manual_dir=str(manual_dir))
   message = str(raised.value)
@@ -187,6 +191,21 @@ def test_failed_download_says_where_to_put_the_tarball(tmp_path):
   assert message.startswith(f"{manual_dir / 'maps.tar.gz'}: not found")
   assert "http://efrosgans.eecs.berkeley.edu/pix2pix/datasets/maps.tar.gz" in message
   assert "Network is unreachable" in message and "--manual_dir" in message
+
+
+def test_an_unreachable_server_fails_at_once_naming_the_manual_dir_and_smoke(tmp_path,
+                                                                              monkeypatch):
+  """No retries for minutes: a server that refuses (a closed local port) is an error now."""
+  for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(pix2pix_tfds, "_URL_TEMPLATE", "http://127.0.0.1:9/{name}.tar.gz")
+  with mock.patch(_DOWNLOAD, side_effect=AssertionError("the download was tried")):
+    with pytest.raises(DataError) as raised:
+      pix2pix_tfds.load_split("facades", "train", str(tmp_path / "data"),
+                              manual_dir=str(tmp_path / "manual"))
+  message = str(raised.value)
+  assert "ConnectionRefusedError" in message
+  assert "--config.data.tfds_manual_dir=DIR" in message and ":smoke" in message
 
 
 @pytest.mark.parametrize("data, error", [

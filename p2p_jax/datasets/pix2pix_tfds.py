@@ -33,8 +33,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import re
+import socket
 import sys
+import urllib.parse
 from typing import TYPE_CHECKING, Iterator
 
 from etils import epath
@@ -264,15 +267,32 @@ def _tarball(dl_manager: tfds.download.DownloadManager, config: Pix2pixConfig) -
   if manual_tarball.exists():
     return manual_tarball
   try:
+    _check_reachable(config.url)
     return epath.Path(dl_manager.download(config.url))
   except Exception as error:   # no network, proxy, HTTP error, bad checksum, ...
     raise DataError(str(manual_tarball), (
         f"not found, and downloading {config.url} failed ({type(error).__name__}: "
-        f"{error}). Fetch {config.url} on a machine with network access and put it "
-        f"at {manual_tarball}; it is then used without downloading. (Another manual "
-        "directory: `tfds build --manual_dir=DIR`, "
-        "`tfds.download.DownloadConfig(manual_dir=DIR)`, or load_split(..., manual_dir=DIR).)"
+        f"{error}). Fetch {config.url} on a machine with network access and put it at "
+        f"{manual_tarball}, or in a folder you pass as --config.data.tfds_manual_dir=DIR; it "
+        "is then used without downloading. To run the same code on synthetic stand-in data "
+        "instead, add :smoke to the config (e.g. --config=configs/facades.py:smoke). (Outside "
+        "a training: `tfds build --manual_dir=DIR`, or load_split(..., manual_dir=DIR).)"
     )) from error
+
+
+def _check_reachable(url: str, timeout: float = 5.0) -> None:
+  """Raises OSError in seconds when `url`'s server cannot be reached.
+
+  Without it, TFDS's downloader retries for minutes before it gives up. Behind a
+  proxy (HTTP(S)_PROXY set) only the proxy knows: nothing is checked then.
+  """
+  if any(os.environ.get(name) for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+                                            "https_proxy", "ALL_PROXY", "all_proxy")):
+    return
+  parts = urllib.parse.urlsplit(url)
+  port = parts.port or (443 if parts.scheme == "https" else 80)
+  with socket.create_connection((parts.hostname, port), timeout=timeout):
+    pass
 
 
 def split_names(name: str) -> tuple[str, ...]:

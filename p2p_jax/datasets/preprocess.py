@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from p2p_jax.datasets.errors import DataError
+from p2p_jax.validation import ConfigError
 
 MODES = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
 _CROP_MODES = ("resize_and_crop", "crop", "scale_width_and_crop")
@@ -64,25 +65,25 @@ class Preprocess:
   def from_config(cls, config: ml_collections.ConfigDict) -> "Preprocess":
     data, model = config.data, config.model
     if data.preprocess not in MODES:
-      raise ValueError(f"config.data.preprocess={data.preprocess!r} is not one of {MODES}.")
+      raise ConfigError(f"config.data.preprocess={data.preprocess!r} is not one of {MODES}.")
     if data.direction not in ("AtoB", "BtoA"):
-      raise ValueError(f"config.data.direction={data.direction!r} is not 'AtoB' or 'BtoA'.")
+      raise ConfigError(f"config.data.direction={data.direction!r} is not 'AtoB' or 'BtoA'.")
     for field in ("input_nc", "output_nc"):
       if model[field] not in (1, 3):
-        raise ValueError(f"config.model.{field}={model[field]!r}: images have 1 (grayscale) "
-                         "or 3 (RGB) channels.")
+        raise ConfigError(f"config.model.{field}={model[field]!r}: images have 1 (grayscale) "
+                          "or 3 (RGB) channels.")
     multiple = 2 ** model.num_downs
     if data.preprocess != "none" and data.crop_size % multiple:
-      raise ValueError(
+      raise ConfigError(
           f"config.data.crop_size={data.crop_size} is not a multiple of 2**num_downs={multiple} "
           f"(config.model.num_downs={model.num_downs}); use e.g. "
           f"--config.data.crop_size={max(multiple, data.crop_size // multiple * multiple)}.")
     if data.preprocess in ("resize_and_crop", "scale_width_and_crop"):
       if data.load_size < data.crop_size:
-        raise ValueError(f"config.data.load_size={data.load_size} is smaller than "
-                         f"config.data.crop_size={data.crop_size}; it must be at least as large.")
+        raise ConfigError(f"config.data.load_size={data.load_size} is smaller than "
+                          f"config.data.crop_size={data.crop_size}; it must be at least as large.")
     if data.preprocess == "scale_width" and data.load_size % multiple:
-      raise ValueError(
+      raise ConfigError(
           f"preprocess=scale_width makes training images config.data.load_size={data.load_size} "
           f"wide, not a multiple of 2**num_downs={multiple}; set --config.data.load_size to a "
           "multiple, or use --config.data.preprocess=scale_width_and_crop.")
