@@ -14,3 +14,17 @@ jax.config.update("jax_platforms", "cpu")
 # Small nets on a CPU: compiling dominates, and XLA's heavier passes buy little here.
 jax.config.update("jax_disable_most_optimizations", True)
 assert jax.device_count() == 8, jax.devices()
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Each test file's compiled programs are dropped when it is done: a full session keeps
+  its memory to one file's worth, not every file's."""
+  yield
+  jax.clear_caches()
+  gc.collect()
