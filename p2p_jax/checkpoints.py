@@ -121,15 +121,18 @@ class Checkpointer:
       raise CheckpointError(workdir_lib.describe_write_error(error, str(self.directory))
                             or f"Cannot open {self.directory}: {error}") from error
     self._saved_steps: list[int] = []
+    self._complete: set[int] = set()
 
   # ---------------------------------------------------------------- what is there
 
   def all_steps(self) -> list[int]:
     """The steps of complete checkpoints (not yet verified), and of this object's saves still
     being written; bare step folders are not among them."""
-    return sorted(step for step in self._manager.all_steps()
-                  if step in self._saved_steps
-                  or (self.directory / str(step) / _COMPLETE_MARKER).exists())
+    steps = sorted(step for step in self._manager.all_steps()
+                   if step in self._saved_steps or step in self._complete
+                   or (self.directory / str(step) / _COMPLETE_MARKER).exists())
+    self._complete.update(steps)   # the loop asks at every logging step: look once per step
+    return steps
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()
@@ -381,6 +384,7 @@ class Checkpointer:
     if several:
       multihost_utils.sync_global_devices("p2p_jax checkpoints set aside")
     self._manager.reload()
+    self._complete.clear()
 
 
 def _config_digest(config: dict[str, Any]) -> str:
@@ -388,8 +392,7 @@ def _config_digest(config: dict[str, Any]) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-  lines = str(error).strip().splitlines()
-  return (lines[0] if lines else type(error).__name__)[:300]
+  return validation.first_line(str(error)) or type(error).__name__
 
 
 _READ_ERROR = re.compile(r'^(?:[A-Z_]+: )?Error reading "([^"/]+)/[^"]*" in [^:]*: (.*)$')

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from p2p_jax import validation
+
 
 class NonFiniteLossError(FloatingPointError):
   """A loss became NaN or Inf; training stopped before saving the bad state."""
@@ -176,7 +178,7 @@ class _LibraryInfoFilter(pylogging.Filter):
     if record.exc_info and not self.keep_tracebacks and self._from_orbax(record):
       # The error also reaches the caller, which says it in one line: keep the first
       # line of Orbax's message, without the traceback of its thread.
-      record.msg, record.args = _first_line(record.getMessage()), None
+      record.msg, record.args = validation.first_line(record.getMessage()), None
       record.exc_info = record.exc_text = None
     if self._ORBAX in record.pathname and record.getMessage().startswith(_ORBAX_NOTICES):
       return False
@@ -188,11 +190,6 @@ class _LibraryInfoFilter(pylogging.Filter):
     # Also asyncio's "Task exception was never retrieved" for a write Orbax abandoned.
     frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info[2] else []
     return self._ORBAX in record.pathname or any(self._ORBAX in f.filename for f in frames)
-
-
-def _first_line(text: str) -> str:
-  lines = text.strip().splitlines()
-  return lines[0][:300] if lines else ""
 
 
 def quiet_library_logs(keep_tracebacks: bool = False) -> None:

@@ -26,3 +26,9 @@ def check_choice(field: str, value: Any, choices: Sequence[str], fix: str = "") 
   if value not in choices:
     raise ConfigError(f"{field}={value!r} is not one of {', '.join(map(repr, choices))}"
                       f"{did_you_mean(value, choices)}.{' ' + fix if fix else ''}")
+
+
+def first_line(text: str, limit: int = 300) -> str:
+  """The first non-empty line of an error's text (at most `limit` characters), or ''."""
+  lines = str(text).strip().splitlines()
+  return lines[0][:limit] if lines else ""

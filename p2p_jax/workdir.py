@@ -96,8 +96,7 @@ def describe_write_error(error: BaseException, where: str) -> str | None:
 
 
 def _first_line(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  return (text[0] if text else type(error).__name__)[:200]
+  return validation.first_line(str(error), 200) or type(error).__name__
 
 
 def check_writable(workdir: str) -> None:
