@@ -41,7 +41,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from p2p_jax import validation  # pylint: disable=g-import-not-at-top
   from p2p_jax import workdir  # pylint: disable=g-import-not-at-top
   from p2p_jax.datasets import errors  # pylint: disable=g-import-not-at-top
-  return (validation.ConfigError, errors.DataError, workdir.WorkdirError,
+  return (validation.ConfigError, validation.UsageError, errors.DataError, workdir.WorkdirError,
           checkpoints.CheckpointError, monitoring.NonFiniteLossError,
           monitoring.DivergedLossError, FileNotFoundError)
 

@@ -272,12 +272,15 @@ def _extra_scores(config: ml_collections.ConfigDict, workdir: str) -> list[Any]:
   return scores
 
 
-def translate_images(state: step_lib.TrainState, real_a: jax.Array, rng: jax.Array, *,
-                     deterministic: bool) -> jax.Array:
-  """Translates one batch [B, H, W, C] on the default device (any H, W the net accepts)."""
-  return _jit_translate(deterministic)(state, jnp.asarray(real_a), rng)
+def translate_images(state: step_lib.TrainState, real_a: jax.Array, rng: jax.Array | None, *,
+                     deterministic: bool, dropout: bool = True) -> jax.Array:
+  """Translates one batch [B, H, W, C] on the default device (any H, W the net accepts).
+
+  `step.eval_step`'s test modes; `rng` seeds the dropout (unused without it)."""
+  return _jit_translate(deterministic, dropout)(state, jnp.asarray(real_a), rng)
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_translate(deterministic: bool):
-  return jax.jit(functools.partial(step_lib.eval_step, deterministic=deterministic))
+def _jit_translate(deterministic: bool, dropout: bool):
+  return jax.jit(functools.partial(step_lib.eval_step, deterministic=deterministic,
+                                   dropout=dropout))

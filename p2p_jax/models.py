@@ -13,6 +13,8 @@ function; `model.conv_impl` and `model.upconv_impl` choose, `auto` per layer).
 Both networks take two keyword flags:
   use_running_average: BatchNorm uses running statistics instead of the batch's.
   deterministic:       dropout is off (generator only).
+and the generator a third, for test time: `per_image_statistics`, BatchNorm
+normalises each image with its own statistics, as if run as a batch of one.
 The paper runs the generator at test time exactly as in training (batch
 statistics, dropout on); `use_running_average=deterministic=True` is the
 official `--eval` mode.
@@ -62,7 +64,7 @@ class BatchNorm(nn.Module):
   axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, use_running_average: bool) -> Array:
+  def __call__(self, x: Array, use_running_average: bool, per_image: bool = False) -> Array:
     features = x.shape[-1]
     scale = self.param("scale", _scale_init, (features,))
     bias = self.param("bias", nn.initializers.zeros, (features,))
@@ -71,6 +73,11 @@ class BatchNorm(nn.Module):
 
     if use_running_average:
       mean, var = running_mean.value, running_var.value
+    elif per_image:
+      # Each image with its own statistics, as a batch of one (test time only).
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
+      var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2), keepdims=True)
     else:
       x32 = x.astype(jnp.float32)
       # Outside pmap (at init) there is no axis to average over; on one device, nothing to.
@@ -97,9 +104,9 @@ class BatchNorm(nn.Module):
 
 
 def _normalize(x: Array, norm: str, use_running_average: bool, axis_name: str | None,
-               name: str) -> Array:
+               name: str, per_image: bool = False) -> Array:
   if norm == "batch":
-    return BatchNorm(axis_name=axis_name, name=name)(x, use_running_average)
+    return BatchNorm(axis_name=axis_name, name=name)(x, use_running_average, per_image)
   if norm == "instance":
     # PyTorch's InstanceNorm2d default: no affine parameters, no running statistics.
     return nn.InstanceNorm(epsilon=_NORM_EPSILON, use_scale=False, use_bias=False,
@@ -208,7 +215,7 @@ class UNetGenerator(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, use_running_average: bool = False,
-               deterministic: bool = False) -> Array:
+               deterministic: bool = False, per_image_statistics: bool = False) -> Array:
     check_choice("norm", self.norm, NORMS)
     check_choice("dropout_placement", self.dropout_placement, DROPOUT_PLACEMENTS)
     check_image_size(x.shape[1:3], self.num_downs)
@@ -218,14 +225,15 @@ class UNetGenerator(nn.Module):
     dropout_levels = _dropout_levels(self.num_downs, self.dropout_placement)
 
     def norm(h, name):
-      return _normalize(h, self.norm, use_running_average, self.bn_axis_name, name)
+      return _normalize(h, self.norm, use_running_average, self.bn_axis_name, name,
+                        per_image_statistics)
 
     h = _conv4x4(widths[0], 2, use_bias, self.conv_impl, self.dtype, "down_0")(x)
     skips = []
     for level in range(1, self.num_downs):
       skips.append(h)
       h = _conv4x4(widths[level], 2, use_bias, self.conv_impl, self.dtype, f"down_{level}")(
-          nn.leaky_relu(h, _LEAKY_SLOPE))
+          nn.leaky_relu(h, negative_slope=_LEAKY_SLOPE))
       if level < self.num_downs - 1:           # the innermost down-conv has no norm
         h = norm(h, f"down_norm_{level}")
 
@@ -247,6 +255,8 @@ class UNetGenerator(nn.Module):
 def check_image_size(size: Sequence[int], num_downs: int) -> None:
   """Raises a clear error unless both sides are positive multiples of 2**num_downs."""
   multiple = 2 ** num_downs
+  if not all(isinstance(side, int) for side in size):
+    return   # symbolic sides (jax.export): the export states the multiples in the shape
   height, width = int(size[0]), int(size[1])
   if height % multiple or width % multiple or height <= 0 or width <= 0:
     def up(v):
@@ -289,20 +299,20 @@ class PatchDiscriminator(nn.Module):
     if self.pixel:
       def conv1x1(features, bias, name):
         return Conv1x1(features, bias, self.dtype, name=name)
-      h = nn.leaky_relu(conv1x1(self.ndf, True, "conv_0")(x), _LEAKY_SLOPE)
+      h = nn.leaky_relu(conv1x1(self.ndf, True, "conv_0")(x), negative_slope=_LEAKY_SLOPE)
       h = nn.leaky_relu(norm(conv1x1(self.ndf * 2, use_bias, "conv_1")(h), "norm_1"),
-                        _LEAKY_SLOPE)
+                        negative_slope=_LEAKY_SLOPE)
       return conv1x1(1, use_bias, "conv_2")(h).astype(jnp.float32)
 
     if self.n_layers < 1:
       raise ValueError(f"n_layers={self.n_layers} must be at least 1 (or use pixel=True).")
     h = _conv4x4(self.ndf, 2, True, self.conv_impl, self.dtype, "conv_0")(x)
-    h = nn.leaky_relu(h, _LEAKY_SLOPE)
+    h = nn.leaky_relu(h, negative_slope=_LEAKY_SLOPE)
     for layer in range(1, self.n_layers + 1):
       stride = 2 if layer < self.n_layers else 1
       features = self.ndf * min(2 ** layer, 8)
       h = _conv4x4(features, stride, use_bias, self.conv_impl, self.dtype, f"conv_{layer}")(h)
-      h = nn.leaky_relu(norm(h, f"norm_{layer}"), _LEAKY_SLOPE)
+      h = nn.leaky_relu(norm(h, f"norm_{layer}"), negative_slope=_LEAKY_SLOPE)
     logits = _conv4x4(1, 1, True, self.conv_impl, self.dtype, f"conv_{self.n_layers + 1}")(h)
     return logits.astype(jnp.float32)
 

@@ -58,8 +58,8 @@ def fit_to_network(image: np.ndarray, num_downs: int, crop_size: int, fit: str) 
 
 
 def translate_files(workdir: str, files: list[tuple[str, str]], *, step: int = -1,
-                    fit: str = "resize", deterministic: bool = False, paired: bool = False,
-                    seed: int = 0) -> Iterator[tuple[str, np.ndarray | DataError]]:
+                    fit: str = "resize", deterministic: bool = False, dropout: bool = True,
+                    paired: bool = False, seed: int = 0) -> Iterator[tuple[str, np.ndarray | DataError]]:
   """Yields (relative name, fake_b uint8 [H, W, C_out] at the input's size) or the DataError."""
   restored = evaluate.restore_checkpoint(workdir, None if step < 0 else step)
   config, state = restored.config, restored.state
@@ -78,7 +78,7 @@ def translate_files(workdir: str, files: list[tuple[str, str]], *, step: int = -
     fitted = fit_to_network(image, config.model.num_downs, config.data.crop_size, fit)
     real_a = images.to_float(fitted, config.model.input_nc)[None]
     fake_b = evaluate.translate_images(state, real_a, jax.random.fold_in(rng, index),
-                                       deterministic=deterministic)
+                                       deterministic=deterministic, dropout=dropout)
     out = images.to_uint8(np.asarray(fake_b)[0])
     if fit == "resize":
       out = images.resize(out if out.shape[-1] == 3 else out[..., 0], (height, width))
@@ -106,6 +106,9 @@ def _define_flags() -> None:
   flags.DEFINE_enum("fit", "resize", ["resize", "pad"], "How images are made to fit the U-Net.")
   flags.DEFINE_bool("deterministic", False,
                     "Running BatchNorm statistics and no dropout (default: the paper's test mode).")
+  flags.DEFINE_bool("dropout", True,
+                    "Dropout on in the paper's test mode (--nodropout: each image's own "
+                    "BatchNorm statistics alone, as an exported model computes).")
   flags.DEFINE_bool("paired", False,
                     "Inputs are A|B files: use the half config.data.direction names.")
   flags.DEFINE_integer("seed", 0, "Seed of the dropout noise.")
@@ -119,7 +122,8 @@ def main(argv):
   single = len(files) == 1 and not os.path.isdir(FLAGS.input)
   failures = []
   for name, result in translate_files(FLAGS.workdir, files, step=FLAGS.step, fit=FLAGS.fit,
-                                      deterministic=FLAGS.deterministic, paired=FLAGS.paired,
+                                      deterministic=FLAGS.deterministic, dropout=FLAGS.dropout,
+                                      paired=FLAGS.paired,
                                       seed=FLAGS.seed):
     if isinstance(result, DataError):
       failures.append(result)

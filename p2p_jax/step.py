@@ -223,19 +223,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
   return state.replace(step=state.step + 1, generator=gen, discriminator=disc), metrics
 
 
-def eval_step(state: TrainState, real_a: jax.Array, rng: jax.Array, *,
-              deterministic: bool = False) -> jax.Array:
+def eval_step(state: TrainState, real_a: jax.Array, rng: jax.Array | None, *,
+              deterministic: bool = False, dropout: bool = True) -> jax.Array:
   """Translates real_a [B, H, W, C_in] in [-1, 1] to fake_b [B, H, W, C_out] in [-1, 1].
 
   Default, as the paper and the official test script: each image is run as a
   batch of one in training mode, so BatchNorm uses that image's own statistics
-  and dropout stays on. `deterministic=True` is the official `--eval`: running
-  statistics and no dropout. Usable with or without pmap (no collectives).
+  and dropout stays on. `dropout=False` keeps the images' own statistics and
+  turns dropout off (a function of the image alone; `rng` is unused).
+  `deterministic=True` is the official `--eval`: running statistics and no
+  dropout. Usable with or without pmap (no collectives).
   """
   generator = state.settings.generator.clone(bn_axis_name=None)
   variables = state.generator.variables()
   if deterministic:
     return generator.apply(variables, real_a, use_running_average=True, deterministic=True)
+  if not dropout:
+    return generator.apply(variables, real_a, deterministic=True, per_image_statistics=True)
 
   def translate_one(image, key):
     return generator.apply(variables, image[None], rngs={"dropout": key})[0]

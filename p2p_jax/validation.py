@@ -13,6 +13,13 @@ class ConfigError(ValueError):
   """
 
 
+class UsageError(ValueError):
+  """A command-line value that cannot work, or a missing optional package.
+
+  The message names the flag or the package and the fix.
+  """
+
+
 def did_you_mean(value: Any, choices: Sequence[str]) -> str:
   """' (did you mean 'batch'?)' for a near miss among `choices` (case aside), else ''."""
   folded = {choice.lower(): choice for choice in choices}

@@ -132,7 +132,7 @@ LAYERS = (
     ("p2p_jax.train",),
     ("p2p_jax.cli",),
     ("p2p_jax.main", "p2p_jax.predict", "p2p_jax.bench", "p2p_jax.convert_torch",
-     "p2p_jax.ablate", "p2p_jax.data_service"),
+     "p2p_jax.ablate", "p2p_jax.data_service", "p2p_jax.export"),
 )
 
 
