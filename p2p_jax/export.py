@@ -49,6 +49,7 @@ from absl import logging
 
 from p2p_jax import cli
 from p2p_jax import evaluate
+from p2p_jax import images as images_lib
 from p2p_jax import models
 from p2p_jax import step as step_lib
 from p2p_jax import workdir as workdir_lib
@@ -136,11 +137,8 @@ def translate_function(state: step_lib.TrainState, *, deterministic: bool
 
 def uint8_function(translate: Callable[[jax.Array], jax.Array]
                    ) -> Callable[[jax.Array], jax.Array]:
-  """`translate` from uint8 [0, 255] to uint8, converting as `p2p_jax.images` does."""
-  def translate_uint8(images):
-    fake = translate((images.astype(jnp.float32) - 127.5) / 127.5)
-    return jnp.round((jnp.clip(fake, -1, 1) + 1) * 127.5).astype(jnp.uint8)
-  return translate_uint8
+  """`translate` from uint8 [0, 255] to uint8, converting as `predict` does."""
+  return lambda images: images_lib.unit_to_uint8(translate(images_lib.uint8_to_unit(images)))
 
 
 def _require(module: str, fmt: str) -> Any:
@@ -153,17 +151,20 @@ def _require(module: str, fmt: str) -> Any:
 
 
 @contextlib.contextmanager
-def _quiet(*logger_names: str):
-  """Silences the converters' own loggers (their notices about plugins they skip)."""
-  loggers = [std_logging.getLogger(name) for name in logger_names]
-  levels = [logger.level for logger in loggers]
-  for logger in loggers:
-    logger.setLevel(std_logging.ERROR)
+def _logging_kept(*quiet: str):
+  """Leaves the process's logging as it was: the loggers named in `quiet` (a converter's
+  notices about plugins it skips) say only errors meanwhile, and the level TensorFlow's
+  SavedModel code sets on absl's logger (WARNING, which would hide the caller's INFO lines)
+  is undone."""
+  names = ("", "absl", *quiet)
+  levels = {name: std_logging.getLogger(name).level for name in names}
+  for name in quiet:
+    std_logging.getLogger(name).setLevel(std_logging.ERROR)
   try:
     yield
   finally:
-    for logger, level in zip(loggers, levels):
-      logger.setLevel(level)
+    for name, level in levels.items():
+      std_logging.getLogger(name).setLevel(level)
 
 
 # ---- One writer and one loader per format. A loader returns a function of a numpy batch.
@@ -207,14 +208,16 @@ def write_savedmodel(translate: Callable, shape: InputShape, path: str,
   module = tf.Module()
   module.translate = signature(translate, tf.float32)
   module.translate_uint8 = signature(uint8_function(translate), tf.uint8)
-  tf.saved_model.save(module, path, signatures={"serving_default": module.translate,
-                                                "uint8": module.translate_uint8})
+  with _logging_kept():
+    tf.saved_model.save(module, path, signatures={"serving_default": module.translate,
+                                                  "uint8": module.translate_uint8})
 
 
 def load_savedmodel(path: str, signature: str = "serving_default"
                     ) -> Callable[[np.ndarray], np.ndarray]:
   tf = _require("tensorflow", "savedmodel")
-  function = tf.saved_model.load(path).signatures[signature]
+  with _logging_kept():
+    function = tf.saved_model.load(path).signatures[signature]
   return lambda images: function(**{SIGNATURE_INPUT: tf.constant(images)})[
       SIGNATURE_INPUT].numpy()
 
@@ -222,7 +225,7 @@ def load_savedmodel(path: str, signature: str = "serving_default"
 def write_onnx(translate: Callable, shape: InputShape, path: str, opset: int) -> None:
   jax2onnx = _require("jax2onnx", "onnx")
   _require("onnxruntime", "onnx")
-  with _quiet("jax2onnx", "onnx_ir"):
+  with _logging_kept("jax2onnx", "onnx_ir"):
     model = jax2onnx.to_onnx(lambda images: translate(images), [shape.spec()],
                              model_name="p2p_jax_generator", opset=opset)
   with open(path, "wb") as f:
@@ -262,9 +265,11 @@ def export(workdir: str, fmt: str, output: str, *, step: int | None = None,
   if os.path.exists(output) and not overwrite:
     raise UsageError(f"{output} exists: pass --overwrite to replace it, or another --output.")
   # Before the restore, so that a missing package costs nothing.
-  {"savedmodel": lambda: _require("jax.experimental.jax2tf", fmt),
-   "onnx": lambda: (_require("jax2onnx", fmt), _require("onnxruntime", fmt))}.get(
-       fmt, lambda: None)()
+  if fmt == "savedmodel":
+    _require("jax.experimental.jax2tf", fmt)
+  elif fmt == "onnx":
+    _require("jax2onnx", fmt)
+    _require("onnxruntime", fmt)
 
   restored = evaluate.restore_checkpoint(workdir, step)
   config = restored.config

@@ -13,9 +13,19 @@ from PIL import Image
 LUMA = (0.299, 0.587, 0.114)      # ITU-R 601, as PIL's convert("L") weighs the channels
 
 
+def unit_to_uint8(pixels):
+  """float [-1, 1] -> uint8, for NumPy and JAX arrays alike (rounded half to even)."""
+  return ((pixels.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8)
+
+
+def uint8_to_unit(pixels):
+  """uint8 (or any [0, 255]) -> float32 [-1, 1], for NumPy and JAX arrays alike."""
+  return (pixels.astype(np.float32) - 127.5) / 127.5
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
   """[..., H, W, C] in [-1, 1] -> uint8; one channel is kept as [H, W, 1]."""
-  return np.round((np.clip(np.asarray(image, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+  return unit_to_uint8(np.asarray(image, np.float32))
 
 
 def resize(image: np.ndarray, size: tuple[int, int],
@@ -31,7 +41,7 @@ def to_float(image: np.ndarray, channels: int) -> np.ndarray:
   pixels = image.astype(np.float32)
   if channels == 1:
     pixels = np.einsum("hwc,c->hw", pixels, np.array(LUMA, np.float32))[..., None]
-  return (pixels - 127.5) / 127.5
+  return uint8_to_unit(pixels)
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@ images as `predict` does, at batch 1 and 3 and at a non-square size."""
 
 import builtins
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -42,6 +43,20 @@ def state(workdir):
   return evaluate.restore_state(workdir)
 
 
+@pytest.fixture(scope="module")
+def exported(workdir, tmp_path_factory):
+  """`exported(fmt)`: (path, record) of one artifact per format, written on first use and
+  shared by the tests that read it."""
+  made = {}
+
+  def get(fmt):
+    if fmt not in made:
+      output = str(tmp_path_factory.mktemp(fmt) / "1")     # TF Serving's version layout
+      made[fmt] = output, export.export(workdir, fmt, output, platforms=("cpu",))
+    return made[fmt]
+  return get
+
+
 def _photos(height, width, count):
   """uint8 [count, height, width, 3]: the test photos, resized."""
   names = sorted(os.listdir(PHOTOS))
@@ -73,9 +88,12 @@ def test_each_image_with_its_own_statistics_is_the_image_alone_as_a_batch_of_one
 
 @pytest.mark.parametrize("fmt", export.FORMATS)
 def test_an_artifact_translates_as_predict_at_batch_1_and_3_and_a_non_square_size(
-    fmt, workdir, state, tmp_path):
-  output = str(tmp_path / f"generator.{fmt}")
-  record = export.export(workdir, fmt, output, platforms=("cpu",))
+    fmt, exported, state):
+  levels = {name: logging.getLogger(name).level for name in ("", "absl")}
+  output, record = exported(fmt)
+  # The converters leave the caller's logging as it was (TensorFlow's SavedModel code sets
+  # absl's logger to WARNING, which hid every later INFO line).
+  assert {name: logging.getLogger(name).level for name in levels} == levels
   translate = export.LOADERS[fmt](output)
   square, tall = _as_float(_photos(32, 32, 3)), _as_float(_photos(64, 32, 1))
   for real_a in (square, square[:1], tall):
@@ -91,9 +109,8 @@ def test_an_artifact_translates_as_predict_at_batch_1_and_3_and_a_non_square_siz
   assert not os.path.exists(output + ".partial")
 
 
-def test_the_savedmodel_uint8_signature_is_predict_to_one_level(workdir, tmp_path):
-  output = str(tmp_path / "serving" / "1")
-  export.export(workdir, "savedmodel", output, platforms=("cpu",))
+def test_the_savedmodel_uint8_signature_is_predict_to_one_level(workdir, exported, tmp_path):
+  output, _ = exported("savedmodel")
   pixels = _photos(32, 32, 3)
   inputs = tmp_path / "inputs"
   inputs.mkdir()
