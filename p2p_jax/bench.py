@@ -294,6 +294,103 @@ def run_loop(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 3
 
 
 
+# The forms the layers mode times for each layer kind (and stride).
+_LAYER_CANDIDATES = {("conv4x4", 2): ("xla", "matmul", "s2"),
+                     ("conv4x4", 1): ("xla", "matmul", "taps", "winograd"),
+                     ("conv_transpose4x4", 2): choose.CONV_TRANSPOSE_FORMS + ("dilated",)}
+# A form whose largest intermediate would pass this many bytes is not timed.
+_LAYER_BYTES_LIMIT = 2 ** 31
+
+
+def _layer_form(layer: choose.Layer, form: str) -> Any:
+  from p2p_jax.ops import conv, conv_transpose  # pylint: disable=g-import-not-at-top
+  if layer.kind == "conv4x4":
+    return lambda x, kernel: conv.FORMS[form](x, kernel, layer.stride)
+  return conv_transpose.FORMS[form]
+
+
+def _largest_bytes(layer: choose.Layer, form: str) -> int:
+  """A bound on a form's largest intermediate: 16 copies of its larger side's activations,
+  once for the windows forms, sixteen-fold for `kernel_major`'s broadcast taps."""
+  n, height, width, c_in = layer.x_shape
+  c_out = layer.kernel_shape[3]
+  scale = 4 if layer.kind == "conv_transpose4x4" else 1
+  values = 16 * n * height * width * scale * max(c_in, c_out)
+  return values * 4 * (16 if form == "kernel_major" else 1)
+
+
+def time_layer(layer: choose.Layer, form: str, repeats: int = 5) -> float:
+  """Median seconds of one layer's forward pass and both gradients in `form`."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], layer.x_shape, jnp.float32).astype(layer.dtype)
+  kernel = (0.02 * jax.random.normal(keys[1], layer.kernel_shape, jnp.float32)
+            ).astype(layer.dtype)
+  apply = _layer_form(layer, form)
+  out = jax.eval_shape(apply, x, kernel)
+  cotangent = jax.random.normal(keys[2], out.shape, jnp.float32).astype(out.dtype)
+
+  @jax.jit
+  def forward_and_gradients(x, kernel, cotangent):
+    y, pullback = jax.vjp(apply, x, kernel)
+    return y, pullback(cotangent)
+
+  jax.block_until_ready(forward_and_gradients(x, kernel, cotangent))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(forward_and_gradients(x, kernel, cotangent))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def run_layers(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str, Any]:
+  """Each distinct linear layer of G and D, timed (forward and both gradients) in every
+  form that applies, against the form `by_shape` picks for it: the measurements behind
+  `choose.conv_form` and `choose.conv_transpose_form`, for the config's per-device batch,
+  image size and dtype on this backend."""
+  per_device = config.batch_size // jax.local_device_count()
+  devices.check_batch_divides(config.batch_size, jax.local_device_count())
+  by_shape = _with(config, batch_size=config.batch_size, conv_impl="by_shape",
+                   upconv_impl="by_shape")
+  traced = step_lib.trace_layers(by_shape, per_device)
+  rows, seen = [], set()
+  for network, layers in traced.items():
+    for layer in layers:
+      key = (layer.kind, layer.x_shape, layer.kernel_shape, layer.stride)
+      candidates = _LAYER_CANDIDATES.get((layer.kind, layer.stride))
+      if candidates is None or key in seen:
+        continue
+      seen.add(key)
+      times = {form: time_layer(layer, form, repeats) for form in candidates
+               if _largest_bytes(layer, form) <= _LAYER_BYTES_LIMIT}
+      fastest = min(times, key=times.get)
+      rows.append({"network": network, "kind": layer.kind, "x_shape": list(layer.x_shape),
+                   "kernel_shape": list(layer.kernel_shape), "stride": layer.stride,
+                   "dtype": layer.dtype, "chosen": layer.form, "fastest": fastest,
+                   "ms": {form: 1e3 * t for form, t in times.items()},
+                   "chosen_over_fastest": times[layer.form] / times[fastest]})
+      logging.info("%s %s %s: chosen %s %.1f ms, fastest %s %.1f ms", network, layer.kind,
+                   layer.x_shape, layer.form, 1e3 * times[layer.form], fastest,
+                   1e3 * times[fastest])
+  chosen = sum(row["ms"][row["chosen"]] for row in rows)
+  fastest = sum(row["ms"][row["fastest"]] for row in rows)
+  return {
+      "mode": "layers",
+      "layers": rows,
+      "chosen_ms": chosen,
+      "fastest_ms": fastest,
+      "per_device_batch": per_device,
+      "image_size": config.data.crop_size,
+      "dtype": config.model.dtype,
+      "cpu_bfloat16_units": hardware.cpu_bfloat16_units(),
+      "backend": jax.default_backend(),
+      "device_kind": jax.local_devices()[0].device_kind,
+      "repeats": repeats,
+      "peak_rss_mb": _peak_rss_mb(),
+      "loadavg_1m": os.getloadavg()[0],
+  }
+
+
 # The accelerator check: (batch sizes, steps timed per run, steps of the training run).
 _CHECK = {"full": ((1, 4, 16), 10, 200), "smoke": ((1, 2), 2, 10)}
 # Forms compared: the CPU-tuned per-layer forms and XLA's own. `auto` is one of them.
@@ -400,6 +497,10 @@ def _summary(result: dict[str, Any]) -> str:
     return (f"training loop: {result['sec_per_step_loop']:.4f} s/step against "
             f"{result['sec_per_step_alone']:.4f} for the step alone; waiting for data "
             f"{100 * result['waiting_fraction']:.1f}% of the time")
+  if result["mode"] == "layers":
+    return (f"layers: the chosen forms {result['chosen_ms']:.1f} ms, the fastest "
+            f"{result['fastest_ms']:.1f} ms over {len(result['layers'])} layers (forward and "
+            "both gradients)")
   if result["mode"] == "check":
     return (f"accelerator check on {result['device_kind']}: {len(result['runs'])} runs, "
             f"{len(result['failures'])} failure(s)")
@@ -415,9 +516,9 @@ FLAGS = flags.FLAGS   # the flags themselves are defined by `_define_flags`, run
 
 def _define_flags() -> None:
   # Defined only when run as a program, so that the module imports anywhere.
-  flags.DEFINE_enum("mode", "step", ["step", "pipeline", "loop", "check"],
+  flags.DEFINE_enum("mode", "step", ["step", "pipeline", "loop", "check", "layers"],
                     "Time the train step, the input pipeline alone, the training loop against "
-                    "the step, or run the accelerator check.")
+                    "the step, run the accelerator check, or time each layer in every form.")
   flags.DEFINE_bool("smoke", False, "check mode: smaller batches and fewer steps (for a CPU).")
   flags.DEFINE_integer("steps", 10, "Timed steps (step, loop) or batches (pipeline mode).")
   flags.DEFINE_integer("warmup", 2, "Untimed steps run after compiling (step, loop).")
@@ -432,6 +533,8 @@ def main(argv):
     result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup)
   elif FLAGS.mode == "check":
     result = run_check(FLAGS.config, smoke=FLAGS.smoke)
+  elif FLAGS.mode == "layers":
+    result = run_layers(FLAGS.config, FLAGS.steps)
   elif FLAGS.mode == "loop":
     devices.hide_accelerators_from_tensorflow()   # the pipeline reads through TensorFlow
     result = run_loop(FLAGS.config, FLAGS.steps, FLAGS.warmup)

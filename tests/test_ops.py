@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from p2p_jax import hardware
 from p2p_jax import ops
+from p2p_jax import step as step_lib
 from p2p_jax.ops import choose
 from p2p_jax.ops import conv
 from p2p_jax.ops import conv_transpose
@@ -114,8 +116,8 @@ def test_by_shape_forms_pick_by_shape():
   kernel = jax.ShapeDtypeStruct((4, 4, 8, 64), jnp.float32)
   big, small = (jax.ShapeDtypeStruct(shape, jnp.float32) for shape in [(3, 64, 64, 8),
                                                                        (2, 64, 64, 8)])
-  assert "dot_general" not in takes(conv_transpose._upsample_by_shape_forward, big, kernel)
-  assert "dot_general" in takes(conv_transpose._upsample_by_shape_forward, small, kernel)
+  assert "dot_general" not in takes(conv_transpose.upsample_by_shape, big, kernel)
+  assert "dot_general" in takes(conv_transpose.upsample_by_shape, small, kernel)
 
 
 @pytest.mark.parametrize("x_shape,kernel_shape,stride,form", [
@@ -188,3 +190,120 @@ def test_recorded_flops_count_the_multiply_adds_of_each_layer():
   assert [layer.kind for layer in layers] == ["conv4x4", "conv4x4", "conv_transpose4x4",
                                               "conv1x1"]
   assert not choose._recorders                 # the recorder is gone after its block
+
+
+# ---- bfloat16 on a CPU with bfloat16 units: dots only.
+
+# bfloat16 keeps 8 significant bits: one rounding moves a value by at most half its
+# spacing, 2**-9 of it, and a float32 sum that lands near a rounding boundary can round
+# the other way: a bfloat16 result of a float32-accumulated dot is within 2**-8 of the
+# exact value of its (bfloat16) operands.
+BF16_ROUNDING = 2.0 ** -8
+
+
+@pytest.fixture
+def bf16_units(monkeypatch):
+  """This CPU multiplies bfloat16 in hardware, whatever the machine running the tests."""
+  monkeypatch.setattr(hardware, "cpu_bfloat16_units", lambda: True)
+
+
+def _bf16_operands(rng, *shapes):
+  """Normal arrays rounded to bfloat16, and the same values in float32 (exactly)."""
+  arrays = [jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for shape in shapes]
+  return arrays, [jnp.asarray(a, jnp.float32) for a in arrays]
+
+
+def _assert_one_bf16_rounding(got, exact, name):
+  got = np.asarray(got, np.float64)
+  exact = np.asarray(exact, np.float64)
+  slack = 1e-6 * float(np.abs(exact).max())   # the float32 references' own rounding
+  excess = np.abs(got - exact) - (BF16_ROUNDING * np.abs(exact) + slack)
+  assert excess.max() <= 0, f"{name}: {excess.max():.3g} beyond one bfloat16 rounding"
+
+
+@pytest.mark.parametrize("shape,c_out,stride", [((2, 8, 6, 5), 4, 2), ((2, 4, 4, 32), 64, 2),
+                                                ((2, 9, 8, 16), 24, 1), ((1, 6, 11, 5), 3, 1)])
+def test_bfloat16_dot_forms_round_once_in_value_and_gradients(bf16_units, shape, c_out, stride):
+  rng = np.random.default_rng(2)
+  (x, kernel), (x32, kernel32) = _bf16_operands(rng, shape, (4, 4, shape[-1], c_out))
+  want, pullback = jax.vjp(lambda x, k: conv.conv4x4_xla(x, k, stride), x32, kernel32)
+  (cotangent,), (cotangent32,) = _bf16_operands(rng, want.shape)
+  want_grads = pullback(cotangent32)
+  forms = {"matmul": lambda x, k: conv.conv4x4_matmul(x, k, stride),
+           "by_shape": lambda x, k: ops.conv4x4(x, k, stride, "by_shape")}
+  if stride == 1:
+    forms["taps"] = conv.conv4x4_taps
+  for name, fn in forms.items():
+    got, got_pullback = jax.vjp(fn, x, kernel)
+    assert got.dtype == jnp.bfloat16
+    _assert_one_bf16_rounding(got, np.asarray(want), name)
+    for grad, want_grad in zip(got_pullback(cotangent), want_grads):
+      assert grad.dtype == jnp.bfloat16
+      _assert_one_bf16_rounding(grad, np.asarray(want_grad), f"{name} gradient")
+
+
+@pytest.mark.parametrize("shape,c_out", [((2, 5, 6, 24), 20), ((1, 1, 1, 16), 64),
+                                         ((2, 2, 3, 8), 64), ((3, 64, 64, 4), 64)])
+def test_bfloat16_upconv_dot_forms_round_once_in_value_and_gradients(bf16_units, shape, c_out):
+  rng = np.random.default_rng(3)
+  (x, kernel), (x32, kernel32) = _bf16_operands(rng, shape, (4, 4, shape[-1], c_out))
+  want = _conv_transpose_by_definition(np.asarray(x32, np.float64),
+                                       np.asarray(kernel32, np.float64))
+  (cotangent,), (cotangent32,) = _bf16_operands(rng, want.shape)
+  _, pullback = jax.vjp(conv_transpose.upsample_dilated, x32, kernel32)
+  want_grads = pullback(cotangent32)
+  forms = {name: conv_transpose.FORMS[name] for name in ("cols", "kernel_major")}
+  forms["by_shape"] = conv_transpose.upsample_by_shape
+  for name, fn in forms.items():
+    got, got_pullback = jax.vjp(fn, x, kernel)
+    _assert_one_bf16_rounding(got, want, name)
+    for grad, want_grad in zip(got_pullback(cotangent), want_grads):
+      _assert_one_bf16_rounding(grad, want_grad, f"{name} gradient")
+
+
+def _primitives(fn, *args):
+  return str(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)),
+                                     argnums=(0, 1)))(*args))
+
+
+def test_bfloat16_layers_meet_only_dots_where_the_cpu_has_bfloat16_units(monkeypatch):
+  """Every layer kind of G and D, forward and both gradients: no XLA convolution in
+  bfloat16 on such a CPU; float32, and bfloat16 on other CPUs, keep float32's rules."""
+  layers = [(lambda x, k: ops.conv4x4(x, k, 2, "by_shape"), (4, 32, 32, 16), (4, 4, 16, 32)),
+            (lambda x, k: ops.conv4x4(x, k, 1, "by_shape"), (2, 16, 16, 32), (4, 4, 32, 64)),
+            (lambda x, k: ops.conv4x4(x, k, 1, "by_shape"), (2, 15, 15, 32), (4, 4, 32, 1)),
+            (lambda x, k: ops.conv_transpose4x4(x, k, "by_shape"), (4, 16, 16, 32),
+             (4, 4, 32, 16)),
+            (lambda x, k: ops.conv_transpose4x4(x, k, "by_shape"), (3, 64, 64, 8),
+             (4, 4, 8, 64))]
+  for units in (True, False):
+    monkeypatch.setattr(hardware, "cpu_bfloat16_units", lambda units=units: units)
+    convolutions = []
+    for fn, x_shape, kernel_shape in layers:
+      for dtype in (jnp.bfloat16, jnp.float32):
+        jaxpr = _primitives(fn, jnp.zeros(x_shape, dtype), jnp.zeros(kernel_shape, dtype))
+        if dtype == jnp.bfloat16 and units:
+          assert "conv_general_dilated" not in jaxpr, (x_shape, kernel_shape)
+        convolutions.append("conv_general_dilated" in jaxpr)
+    assert any(convolutions)       # float32 (and bfloat16 without the units) still use them
+
+
+def test_the_full_size_networks_in_bfloat16_run_dot_forms(bf16_units):
+  from configs import default
+  config = default.get_config("bf16")
+  layers = step_lib.trace_layers(config, 4)
+  forms = {layer.form for network in layers.values() for layer in network}
+  assert forms <= {"matmul", "taps", "winograd", "cols", "kernel_major"}, forms
+  assert {layer.dtype for network in layers.values() for layer in network} == {"bfloat16"}
+  assert len(layers["generator"]) == 16 and len(layers["discriminator"]) == 5
+
+
+def test_bfloat16_units_are_read_from_the_cpu_flags(tmp_path):
+  def cpu(flags):
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: fpu sse2 {flags}\n\n")
+    return hardware.cpu_bfloat16_units.__wrapped__(str(path))
+  assert cpu("avx512f amx_bf16 amx_tile")
+  assert cpu("avx512f avx512_bf16")
+  assert not cpu("avx512f avx2")
+  assert not hardware.cpu_bfloat16_units.__wrapped__(str(tmp_path / "absent"))

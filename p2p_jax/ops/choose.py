@@ -19,9 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
+
+import jax.numpy as jnp
+
+from p2p_jax import hardware
 
 Shape = Sequence[int]
+
 
 BACKENDS = ("cpu", "gpu", "tpu")
 
@@ -45,6 +50,10 @@ class Layer:
   kind: str      # "conv4x4", "conv_transpose4x4" or "conv1x1"
   form: str      # the form it runs: a `CONV_FORMS` / `CONV_TRANSPOSE_FORMS` name, or an impl
   flops: int     # of its forward pass: 2 x multiply-adds
+  x_shape: tuple[int, ...] = ()        # its input, [N, H, W, C_in]
+  kernel_shape: tuple[int, ...] = ()   # [kh, kw, C_in, C_out]
+  stride: int = 1
+  dtype: str = "float32"               # of its operands
 
 
 _recorders: list[list[Layer]] = []
@@ -61,10 +70,12 @@ def recording() -> Iterator[list[Layer]]:
     _recorders.remove(layers)
 
 
-def note(kind: str, form: str, flops: int) -> None:
-  """Called by the ops as they trace a layer; a no-op outside `recording()`."""
+def note(kind: str, form: str, flops: int, x: Any, kernel: Any, stride: int = 1) -> None:
+  """Called by the ops as they trace a layer (`x` and `kernel` its operands, or anything
+  with their shape and dtype); a no-op outside `recording()`."""
   for layers in _recorders:
-    layers.append(Layer(kind, form, int(flops)))
+    layers.append(Layer(kind, form, int(flops), tuple(x.shape), tuple(kernel.shape), stride,
+                        str(x.dtype)))
 
 # Forms of the 4x4, padding-1 convolution (`p2p_jax.ops.conv`).
 CONV_FORMS = ("xla", "matmul", "s2", "taps", "winograd")
@@ -73,7 +84,14 @@ CONV_FORMS = ("xla", "matmul", "s2", "taps", "winograd")
 CONV_TRANSPOSE_FORMS = ("kernel_major", "space_to_depth", "cols")
 
 
-def conv_form(x_shape: Shape, kernel_shape: Shape, stride: int) -> str:
+def dots_only(dtype: Any) -> bool:
+  """Whether operands of `dtype` should meet only dots: bfloat16 on a CPU with bfloat16
+  units (`hardware.cpu_bfloat16_units`), whose XLA:CPU dots reach those units and whose
+  convolutions do not."""
+  return jnp.dtype(dtype) == jnp.bfloat16 and hardware.cpu_bfloat16_units()
+
+
+def conv_form(x_shape: Shape, kernel_shape: Shape, stride: int, dtype: Any = "float32") -> str:
   """The form `auto` runs for a convolution of an [N, H, W, C_in] input.
 
   Stride 1: `taps` below 16 output channels (the PatchGAN's logits: 5x faster
@@ -85,6 +103,8 @@ def conv_form(x_shape: Shape, kernel_shape: Shape, stride: int) -> str:
   """
   n, height, width = x_shape[0], x_shape[1], x_shape[2]
   c_in, c_out = kernel_shape[2], kernel_shape[3]
+  if dots_only(dtype):
+    return _bfloat16_conv_form(x_shape, kernel_shape, stride)
   if stride == 1:
     if c_out < 16:
       return "taps"
@@ -97,7 +117,7 @@ def conv_form(x_shape: Shape, kernel_shape: Shape, stride: int) -> str:
   return "xla"
 
 
-def conv_transpose_form(x_shape: Shape, c_out: int) -> str:
+def conv_transpose_form(x_shape: Shape, c_out: int, dtype: Any = "float32") -> str:
   """The form `auto` runs for a transposed convolution of an [N, H, W, C_in] input.
 
   `kernel_major` once the output channels outnumber twice the input pixels
@@ -110,6 +130,15 @@ def conv_transpose_form(x_shape: Shape, c_out: int) -> str:
   pixels = x_shape[0] * x_shape[1] * x_shape[2]
   if c_out > 2 * pixels:
     return "kernel_major"
+  if dots_only(dtype):
+    return "cols"
   if c_out > 16 and pixels * 16 * c_out > 2 ** 23:
     return "space_to_depth"
   return "cols"
+
+
+def _bfloat16_conv_form(x_shape: Shape, kernel_shape: Shape, stride: int) -> str:
+  c_out = kernel_shape[3]
+  if stride == 2:
+    return "matmul"
+  return "taps" if c_out < 16 else "matmul"

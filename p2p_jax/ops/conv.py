@@ -115,7 +115,9 @@ def _winograd(x: Array, kernel: Array, stride: int) -> Array:
   return conv4x4_winograd(x, kernel)
 
 
-_FORMS = {"xla": conv4x4_xla, "matmul": conv4x4_matmul,
+# Every form by name (`choose.CONV_FORMS`): what `conv4x4` runs, and what the layers
+# benchmark (`python -m p2p_jax.bench --mode=layers`) times.
+FORMS = {"xla": conv4x4_xla, "matmul": conv4x4_matmul,
           "s2": lambda x, kernel, stride: conv4x4_s2(x, kernel),
           "taps": lambda x, kernel, stride: conv4x4_taps(x, kernel), "winograd": _winograd}
 
@@ -126,15 +128,16 @@ def conv4x4(x: Array, kernel: Array, stride: int, impl: str = "auto",
   (default: JAX's default backend, which `auto` resolves for)."""
   check_choice("conv_impl", impl, IMPLS)
   impl = choose.conv_impl_for(impl, backend or jax.default_backend())
-  form = choose.conv_form(x.shape, kernel.shape, stride) if impl == "by_shape" else "xla"
+  form = (choose.conv_form(x.shape, kernel.shape, stride, x.dtype) if impl == "by_shape"
+          else "xla")
   n, height, width, c_in = x.shape
   out_pixels = n * ((height - 2) // stride + 1) * ((width - 2) // stride + 1)
-  choose.note("conv4x4", form, 2 * out_pixels * 16 * c_in * kernel.shape[-1])
-  return _FORMS[form](x, kernel, stride)
+  choose.note("conv4x4", form, 2 * out_pixels * 16 * c_in * kernel.shape[-1], x, kernel, stride)
+  return FORMS[form](x, kernel, stride)
 
 
 def conv1x1(x: Array, kernel: Array) -> Array:
   """A 1x1 convolution (the PixelGAN's): x [N, H, W, C_in], kernel [1, 1, C_in, C_out]."""
   c_in, c_out = kernel.shape[2], kernel.shape[3]
-  choose.note("conv1x1", "matmul", 2 * x.size // c_in * c_in * c_out)
+  choose.note("conv1x1", "matmul", 2 * x.size // c_in * c_in * c_out, x, kernel)
   return windows.dot(x, kernel.reshape(c_in, c_out), ((3,), (0,))).astype(x.dtype)

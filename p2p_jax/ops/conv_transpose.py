@@ -18,6 +18,8 @@ and returns [N, 2H, 2W, C_out]; all compute the same function to float rounding.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -92,8 +94,7 @@ def upsample_cols(x: Array, kernel: Array) -> Array:
   return windows.overlap_add(cols.reshape(n, h, w, 4, 4, c_out)).astype(x.dtype)
 
 
-def _upsample_by_shape_forward(x: Array, kernel: Array) -> Array:
-  form = choose.conv_transpose_form(x.shape, kernel.shape[-1])
+def _upsample_forward(x: Array, kernel: Array, form: str) -> Array:
   if form == "space_to_depth":
     return upsample_space_to_depth(x, kernel)
   if form == "cols":
@@ -106,25 +107,30 @@ def _upsample_by_shape_forward(x: Array, kernel: Array) -> Array:
   return windows.overlap_add(cols).astype(x.dtype)
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def upsample_in_form(x: Array, kernel: Array, form: str) -> Array:
+  """The same transposed convolution in `form` (`choose.CONV_TRANSPOSE_FORMS`), with the
+  VJP described above. Args and result as `upsample_subpixel`."""
+  return _upsample_forward(x, kernel, form)
+
+
 def upsample_by_shape(x: Array, kernel: Array) -> Array:
-  """The same transposed convolution, with a VJP chosen for speed on XLA:CPU.
-
-  Args and result as `upsample_subpixel`; the formulations are described above.
-  """
-  return _upsample_by_shape_forward(x, kernel)
+  """`upsample_in_form` in the form `choose.conv_transpose_form` names for the layer."""
+  return upsample_in_form(x, kernel, choose.conv_transpose_form(x.shape, kernel.shape[-1],
+                                                                x.dtype))
 
 
-def _upsample_by_shape_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
-  return _upsample_by_shape_forward(x, kernel), (x, kernel)
+def _upsample_in_form_fwd(x: Array, kernel: Array, form: str
+                          ) -> tuple[Array, tuple[Array, Array]]:
+  return _upsample_forward(x, kernel, form), (x, kernel)
 
 
-def _upsample_by_shape_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Array]:
+def _upsample_in_form_bwd(form: str, residuals: tuple[Array, Array], grad: Array
+                          ) -> tuple[Array, Array]:
   x, kernel = residuals
   n, h, w, c_in = x.shape
   c_out = kernel.shape[-1]
   pixels = n * h * w
-  form = choose.conv_transpose_form(x.shape, c_out)
   if form == "kernel_major":
     taps = windows.patches(grad, 2).reshape(pixels, 16, c_out)
     # [16, C_in, C_out] x [16, C_out, M] -> [16, C_in, M], summed over the taps.
@@ -136,11 +142,13 @@ def _upsample_by_shape_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple
   else:
     # x_grad[i] = sum_uv grad[2i - 1 + u, 2j - 1 + v] @ kernel[u, v]^T: a stride-2
     # convolution that reads the kernel as [H, W, O, I]; where it has fewer pixels
-    # than channels, one matmul of the gradient's windows (as `conv.conv4x4_matmul`).
+    # than channels, or where only dots reach the CPU's bfloat16 units, one matmul
+    # of the gradient's windows (as `conv.conv4x4_matmul`).
     large = form == "space_to_depth"
-    grad_windows = (None if large and pixels > c_in
+    by_windows = pixels <= c_in or choose.dots_only(grad.dtype)
+    grad_windows = (None if large and not by_windows
                     else windows.patches(grad, 2))   # [N, h, w, 16 * C_out]
-    if pixels <= c_in:
+    if by_windows:
       # The forward pass's taps matrix, read transposed: one copy of the kernel, not two.
       x_grad = windows.dot(grad_windows, windows.taps_matrix(kernel), ((3,), (1,)))
     else:
@@ -162,10 +170,15 @@ def _upsample_by_shape_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple
   return x_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
 
 
-upsample_by_shape.defvjp(_upsample_by_shape_fwd, _upsample_by_shape_bwd)
+upsample_in_form.defvjp(_upsample_in_form_fwd, _upsample_in_form_bwd)
 
 _FORMS = {"by_shape": upsample_by_shape, "subpixel": upsample_subpixel,
           "dilated": upsample_dilated}
+# Every formulation by name: `by_shape`'s (`choose.CONV_TRANSPOSE_FORMS`) and XLA's, for
+# the layers benchmark (`python -m p2p_jax.bench --mode=layers`).
+FORMS = {**{form: functools.partial(upsample_in_form, form=form)
+            for form in choose.CONV_TRANSPOSE_FORMS},
+         "subpixel": upsample_subpixel, "dilated": upsample_dilated}
 
 
 def conv_transpose4x4(x: Array, kernel: Array, impl: str = "auto",
@@ -174,7 +187,9 @@ def conv_transpose4x4(x: Array, kernel: Array, impl: str = "auto",
   `backend` (default: JAX's default backend, which `auto` resolves for)."""
   check_choice("upconv_impl", impl, IMPLS)
   impl = choose.conv_transpose_impl_for(impl, backend or jax.default_backend())
-  form = choose.conv_transpose_form(x.shape, kernel.shape[-1]) if impl == "by_shape" else impl
+  form = (choose.conv_transpose_form(x.shape, kernel.shape[-1], x.dtype) if impl == "by_shape"
+          else impl)
   n, h, w, c_in = x.shape
-  choose.note("conv_transpose4x4", form, 2 * n * h * w * 16 * c_in * kernel.shape[-1])
+  choose.note("conv_transpose4x4", form, 2 * n * h * w * 16 * c_in * kernel.shape[-1], x, kernel,
+              2)
   return _FORMS[impl](x, kernel)
