@@ -12,6 +12,7 @@ from configs import default
 from p2p_jax import bench
 from p2p_jax import hardware
 from p2p_jax import step as step_lib
+from p2p_jax.ops import choose
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FIELDS = ("sec_per_step_median", "images_per_sec", "compile_s", "flops_per_step",
@@ -165,3 +166,36 @@ def test_the_accelerator_check_runs_in_its_smoke_mode():
   assert all(run["images_per_sec"] > 0 and 0 < run["mfu"] for run in result["runs"])
   assert result["training"]["steps"] == 10 and result["auto_is"] == "by_shape"
   assert all(np.isfinite(list(result["training"]["final_losses"].values())))
+
+
+@pytest.mark.parametrize("units", [False, True])
+def test_layers_mode_times_each_distinct_layer_in_every_form(monkeypatch, units):
+  """Each distinct layer once, in every candidate form, the chosen one among them; in
+  bfloat16 on a CPU with bfloat16 units the chosen forms are dots."""
+  monkeypatch.setattr(hardware, "cpu_bfloat16_units", lambda: units)
+  config = _smoke_config()
+  config.model.num_downs = 3
+  config.model.n_layers_d = 1
+  config.model.dtype = "bfloat16"
+  result = bench.run_layers(config, repeats=1)
+  traced = step_lib.trace_layers(bench._with(config, batch_size=8, conv_impl="by_shape",
+                                             upconv_impl="by_shape"), 1)
+  distinct = {(layer.kind, layer.x_shape, layer.kernel_shape, layer.stride)
+              for layers in traced.values() for layer in layers}
+  rows = result["layers"]
+  assert {(row["kind"], tuple(row["x_shape"]), tuple(row["kernel_shape"]), row["stride"])
+          for row in rows} == distinct and len(rows) == len(distinct)
+  for row in rows:
+    assert row["dtype"] == "bfloat16" and row["chosen"] in row["ms"]
+    assert row["ms"][row["fastest"]] == min(row["ms"].values())
+    assert row["chosen_over_fastest"] >= 1 and len(row["ms"]) >= 3
+  assert result["chosen_ms"] >= result["fastest_ms"] > 0
+  assert result["cpu_bfloat16_units"] is units and result["peak_rss_mb"] > 0
+  for row in rows:
+    if units:
+      assert row["chosen"] in ("matmul", "taps", "winograd", "cols", "kernel_major"), row
+    else:                 # bfloat16 without the units keeps float32's rules
+      assert row["chosen"] == (
+          choose.conv_form(row["x_shape"], row["kernel_shape"], row["stride"], "float32")
+          if row["kind"] == "conv4x4"
+          else choose.conv_transpose_form(row["x_shape"], row["kernel_shape"][3], "float32"))
