@@ -121,10 +121,10 @@ def test_every_module_imports_in_one_process_without_defining_flags_twice():
 # README's Layout drawing, bottom up: a module imports only from lower layers, or from
 # its siblings inside one subpackage (ops/, datasets/).
 LAYERS = (
-    ("p2p_jax", "p2p_jax.validation", "p2p_jax.datasets.errors"),
+    ("p2p_jax", "p2p_jax.validation", "p2p_jax.datasets.errors", "p2p_jax.hardware"),
     ("p2p_jax.ops", "p2p_jax.ops.*", "p2p_jax.devices", "p2p_jax.losses", "p2p_jax.metrics",
      "p2p_jax.images", "p2p_jax.monitoring", "p2p_jax.color_stats", "p2p_jax.variants",
-     "p2p_jax.hardware", "p2p_jax.workdir", "p2p_jax.perceptual"),
+     "p2p_jax.workdir", "p2p_jax.perceptual"),
     ("p2p_jax.models", "p2p_jax.datasets", "p2p_jax.datasets.*", "p2p_jax.checkpoints"),
     ("p2p_jax.step", "p2p_jax.input_pipeline", "p2p_jax.config_checks"),
     ("p2p_jax.segmentation",),
