@@ -27,7 +27,6 @@ from p2p_jax import hardware
 
 Shape = Sequence[int]
 
-
 BACKENDS = ("cpu", "gpu", "tpu")
 
 
@@ -103,8 +102,8 @@ def conv_form(x_shape: Shape, kernel_shape: Shape, stride: int, dtype: Any = "fl
   """
   n, height, width = x_shape[0], x_shape[1], x_shape[2]
   c_in, c_out = kernel_shape[2], kernel_shape[3]
-  if dots_only(dtype):
-    return _bfloat16_conv_form(x_shape, kernel_shape, stride)
+  if dots_only(dtype):   # windows x kernel, the logits layer as taps
+    return "taps" if stride == 1 and c_out < 16 else "matmul"
   if stride == 1:
     if c_out < 16:
       return "taps"
@@ -136,9 +135,3 @@ def conv_transpose_form(x_shape: Shape, c_out: int, dtype: Any = "float32") -> s
     return "space_to_depth"
   return "cols"
 
-
-def _bfloat16_conv_form(x_shape: Shape, kernel_shape: Shape, stride: int) -> str:
-  c_out = kernel_shape[3]
-  if stride == 2:
-    return "matmul"
-  return "taps" if c_out < 16 else "matmul"
