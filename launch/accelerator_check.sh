@@ -8,7 +8,7 @@
 # Full: unet_256 with the 70x70 PatchGAN at 256x256 (configs/default.py), the step benchmark
 # at batch 1, 4 and 16 (halved until it fits), float32 and bfloat16, the CPU-tuned forms and
 # XLA's own, then 200 training steps on random data with every loss checked finite.
-# Smoke: configs/default.py:smoke (32x32, a 5-level U-Net, ngf = ndf = 8), batch 1 and 2, 10
+# Smoke: configs/default.py:smoke (32x32, a 5-level U-Net, ngf = ndf = 8), batch 1, 10
 # training steps, with XLA's heavier optimisations off (compiling dominates at that size).
 # Needs only JAX, Flax, Optax, NumPy, ml_collections and absl.
 set -euo pipefail

@@ -392,7 +392,7 @@ def run_layers(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str,
 
 
 # The accelerator check: (batch sizes, steps timed per run, steps of the training run).
-_CHECK = {"full": ((1, 4, 16), 10, 200), "smoke": ((1, 2), 2, 10)}
+_CHECK = {"full": ((1, 4, 16), 10, 200), "smoke": ((1,), 2, 10)}
 # Forms compared: the CPU-tuned per-layer forms and XLA's own. `auto` is one of them.
 _CHECK_FORMS = {"by_shape": ("by_shape", "by_shape"), "xla": ("xla", "dilated")}
 

@@ -95,14 +95,27 @@ def num_cores() -> int:
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
+# Set to 1 or 0, it overrides what /proc/cpuinfo says: for a VM or container that hides
+# the flags, or to run (and measure the memory and numerics of) the bfloat16 dot forms
+# on any CPU.
+BF16_UNITS_ENV = "P2P_JAX_CPU_BFLOAT16_UNITS"
+
+
 @functools.cache
 def cpu_bfloat16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
   """Whether this machine's CPU multiplies bfloat16 in hardware (`BF16_CPU_FLAGS`), read once.
 
   There XLA:CPU's bfloat16 dots run at 2x (AVX-512 BF16) to 5x (AMX) its float32
   rate, while its bfloat16 convolutions run no faster than float32 ones. False where
-  the flags cannot be read (not Linux).
+  the flags cannot be read (not Linux). `P2P_JAX_CPU_BFLOAT16_UNITS=1` (or 0) overrides
+  the flags.
   """
+  override = os.environ.get(BF16_UNITS_ENV, "").strip()
+  if override:
+    if override not in ("0", "1"):
+      raise ValueError(f"{BF16_UNITS_ENV}={override!r}: set it to 1 (the CPU has bfloat16 "
+                       "units), 0 (it has none), or unset it to read /proc/cpuinfo.")
+    return override == "1"
   try:
     with open(cpuinfo) as f:
       for line in f:

@@ -161,7 +161,7 @@ def test_the_accelerator_check_runs_in_its_smoke_mode():
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["mode"] == "check" and result["smoke"] and not result["failures"]
   runs = {(run["batch_size"], run["dtype"], run["forms_name"]) for run in result["runs"]}
-  assert runs == {(batch, dtype, forms) for batch in (1, 2) for dtype in ("float32", "bfloat16")
+  assert runs == {(batch, dtype, forms) for batch in (1,) for dtype in ("float32", "bfloat16")
                   for forms in ("by_shape", "xla")}
   assert all(run["images_per_sec"] > 0 and 0 < run["mfu"] for run in result["runs"])
   assert result["training"]["steps"] == 10 and result["auto_is"] == "by_shape"

@@ -298,7 +298,8 @@ def test_the_full_size_networks_in_bfloat16_run_dot_forms(bf16_units):
   assert len(layers["generator"]) == 16 and len(layers["discriminator"]) == 5
 
 
-def test_bfloat16_units_are_read_from_the_cpu_flags(tmp_path):
+def test_bfloat16_units_are_read_from_the_cpu_flags(tmp_path, monkeypatch):
+  monkeypatch.delenv(hardware.BF16_UNITS_ENV, raising=False)
   def cpu(flags):
     path = tmp_path / "cpuinfo"
     path.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: fpu sse2 {flags}\n\n")
@@ -307,3 +308,16 @@ def test_bfloat16_units_are_read_from_the_cpu_flags(tmp_path):
   assert cpu("avx512f avx512_bf16")
   assert not cpu("avx512f avx2")
   assert not hardware.cpu_bfloat16_units.__wrapped__(str(tmp_path / "absent"))
+
+
+def test_the_environment_overrides_the_cpu_flags(tmp_path, monkeypatch):
+  with_units = tmp_path / "cpuinfo"
+  with_units.write_text("flags\t\t: fpu avx512f amx_bf16\n")
+  read = hardware.cpu_bfloat16_units.__wrapped__
+  monkeypatch.setenv(hardware.BF16_UNITS_ENV, "0")
+  assert not read(str(with_units))
+  monkeypatch.setenv(hardware.BF16_UNITS_ENV, "1")
+  assert read(str(tmp_path / "absent"))
+  monkeypatch.setenv(hardware.BF16_UNITS_ENV, "yes")
+  with pytest.raises(ValueError, match="P2P_JAX_CPU_BFLOAT16_UNITS='yes'.*set it to 1"):
+    read(str(with_units))
