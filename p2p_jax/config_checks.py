@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from p2p_jax import devices
+from p2p_jax import hardware
 from p2p_jax import losses
 from p2p_jax import models
 from p2p_jax import perceptual
@@ -129,6 +130,10 @@ def check_config(config: ml_collections.ConfigDict, *, train: bool = True,
         "config.data.cache and config.data.service_address exclude each other: the service's "
         "workers decode, so there is nothing to cache here. Pass one of them.")
   preprocess.Preprocess.from_config(config)       # sizes and channels, each a ConfigError
+  try:
+    hardware.cpu_bfloat16_units()                 # P2P_JAX_CPU_BFLOAT16_UNITS, if set
+  except ValueError as error:
+    raise validation.UsageError(str(error)) from None
   if train:
     if config.num_train_steps == -1 and config.optim.n_epochs + config.optim.n_epochs_decay == 0:
       raise validation.ConfigError(

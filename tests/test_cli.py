@@ -16,9 +16,9 @@ from p2p_jax import validation
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _main(*args):
+def _main(*args, **environ):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS="--xla_force_host_platform_device_count=2", **environ)
   return subprocess.run([sys.executable, "-m", "p2p_jax.main", *args], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
 
@@ -53,6 +53,17 @@ def test_a_bad_value_is_one_line_and_writes_nothing_unless_tracebacks_are_asked_
                 "--config.model.norm=Batch", "--traceback")
   assert again.returncode == 1 and "Traceback (most recent call last)" in again.stderr
   assert "validation.ConfigError" in again.stderr
+
+
+def test_a_bad_environment_setting_is_one_line_before_anything_is_written(tmp_path):
+  workdir = tmp_path / "run"
+  result = _main("--config=configs/default.py:smoke,bf16", f"--workdir={workdir}",
+                 P2P_JAX_CPU_BFLOAT16_UNITS="true")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      "Error: P2P_JAX_CPU_BFLOAT16_UNITS='true': set it to 1 (the CPU has bfloat16 units), 0 "
+      "(it has none), or unset it to read /proc/cpuinfo.")
+  assert "Traceback" not in result.stderr and not workdir.exists()
 
 
 @pytest.mark.parametrize("field, value, message", [
