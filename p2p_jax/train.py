@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from p2p_jax import checkpoints
 from p2p_jax import config_checks
 from p2p_jax import devices
+from p2p_jax import hardware
 from p2p_jax import evaluate as evaluate_lib
 from p2p_jax import images
 from p2p_jax import input_pipeline
@@ -152,12 +153,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, writer: metric_writer
     for name, params in (("Generator", state.generator.params),
                          ("Discriminator", state.discriminator.params)):
       logging.info("%s parameters:\n%s", name, parameter_overview.get_parameter_overview(params))
-  layers = step_lib.trace_layers(config, config.batch_size // jax.device_count())
-  logging.info("Layer forms on %s (conv_impl=%s, upconv_impl=%s, dtype=%s): %s; %.1f GFLOP "
-               "per step.", jax.default_backend(), config.model.conv_impl,
-               config.model.upconv_impl, config.model.dtype,
-               step_lib.describe_forms(layers),
-               step_lib.model_flops(layers, config.loss.lambda_gan) * jax.device_count() / 1e9)
+  logging.info("%s", describe_layer_forms(config))
 
   state = devices.replicate(state)
   train_iter = input_pipeline.create_train_iterator(config, start_step=initial_step)
@@ -213,6 +209,21 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, writer: metric_writer
     checkpointer.wait_until_finished()
     logging.info("%s", closing_line(workdir, num_steps, initial_step, progress, losses))
   return final
+
+
+def describe_layer_forms(config: ml_collections.ConfigDict) -> str:
+  """The line naming the form each layer kind runs, and why where the CPU decides it."""
+  layers = step_lib.trace_layers(config, config.batch_size // jax.device_count())
+  backend, dtype = jax.default_backend(), config.model.dtype
+  why = ""
+  if backend == "cpu" and dtype == "bfloat16":
+    why = (" This CPU has bfloat16 units: every layer runs as dots."
+           if hardware.cpu_bfloat16_units() else
+           " This CPU has no bfloat16 units (float32's forms; float32 is faster here).")
+  gflops = step_lib.model_flops(layers, config.loss.lambda_gan) * jax.device_count() / 1e9
+  return (f"Layer forms on {backend} (conv_impl={config.model.conv_impl}, "
+          f"upconv_impl={config.model.upconv_impl}, dtype={dtype}): "
+          f"{step_lib.describe_forms(layers)}; {gflops:.1f} GFLOP per step.{why}")
 
 
 def describe_run(config: ml_collections.ConfigDict, state: step_lib.TrainState, workdir: str,

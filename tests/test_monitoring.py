@@ -5,6 +5,7 @@ import jax
 import pytest
 
 from configs import default
+from p2p_jax import hardware
 from p2p_jax import monitoring
 from p2p_jax import step as step_lib
 from p2p_jax import train
@@ -73,3 +74,20 @@ def test_a_run_opens_and_closes_with_what_a_person_needs():
   assert "tensorboard --logdir runs/x" in closing
   assert "`python -m p2p_jax.main --workdir=runs/x --mode=eval`" in closing
   assert "`python -m p2p_jax.predict --workdir=runs/x --input=IMAGES --output=OUT`" in closing
+
+
+@pytest.mark.parametrize("dtype, units, why", [
+    ("float32", True, ""),
+    ("bfloat16", True, " This CPU has bfloat16 units: every layer runs as dots."),
+    ("bfloat16", False, " This CPU has no bfloat16 units (float32's forms; float32 is faster "
+                        "here)."),
+])
+def test_the_layer_forms_line_says_what_the_cpu_decided(monkeypatch, dtype, units, why):
+  monkeypatch.setattr(hardware, "cpu_bfloat16_units", lambda: units)
+  config = default.get_config("smoke")
+  config.model.dtype = dtype
+  line = train.describe_layer_forms(config)
+  assert line.startswith(f"Layer forms on cpu (conv_impl=auto, upconv_impl=auto, dtype={dtype}): ")
+  assert line.endswith("GFLOP per step." + why)
+  dots = units and dtype == "bfloat16"
+  assert ("'s2'" in line) is not dots and ("'winograd'" in line) is not dots, line
