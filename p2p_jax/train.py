@@ -22,8 +22,8 @@ from jax.experimental import multihost_utils
 from p2p_jax import checkpoints
 from p2p_jax import config_checks
 from p2p_jax import devices
-from p2p_jax import hardware
 from p2p_jax import evaluate as evaluate_lib
+from p2p_jax import hardware
 from p2p_jax import images
 from p2p_jax import input_pipeline
 from p2p_jax import monitoring
@@ -217,9 +217,10 @@ def describe_layer_forms(config: ml_collections.ConfigDict) -> str:
   backend, dtype = jax.default_backend(), config.model.dtype
   why = ""
   if backend == "cpu" and dtype == "bfloat16":
-    why = (" This CPU has bfloat16 units: every layer runs as dots."
+    why = (" This CPU has bfloat16 units, so by_shape runs every layer as dots."
            if hardware.cpu_bfloat16_units() else
-           " This CPU has no bfloat16 units (float32's forms; float32 is faster here).")
+           " This CPU has no bfloat16 units, so by_shape keeps float32's forms (and float32 "
+           "is faster here).")
   gflops = step_lib.model_flops(layers, config.loss.lambda_gan) * jax.device_count() / 1e9
   return (f"Layer forms on {backend} (conv_impl={config.model.conv_impl}, "
           f"upconv_impl={config.model.upconv_impl}, dtype={dtype}): "

@@ -78,9 +78,9 @@ def test_a_run_opens_and_closes_with_what_a_person_needs():
 
 @pytest.mark.parametrize("dtype, units, why", [
     ("float32", True, ""),
-    ("bfloat16", True, " This CPU has bfloat16 units: every layer runs as dots."),
-    ("bfloat16", False, " This CPU has no bfloat16 units (float32's forms; float32 is faster "
-                        "here)."),
+    ("bfloat16", True, " This CPU has bfloat16 units, so by_shape runs every layer as dots."),
+    ("bfloat16", False, " This CPU has no bfloat16 units, so by_shape keeps float32's forms "
+                        "(and float32 is faster here)."),
 ])
 def test_the_layer_forms_line_says_what_the_cpu_decided(monkeypatch, dtype, units, why):
   monkeypatch.setattr(hardware, "cpu_bfloat16_units", lambda: units)
