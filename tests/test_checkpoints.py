@@ -11,7 +11,6 @@ import time
 import jax
 import numpy as np
 import pytest
-import tensorstore
 
 from configs import default
 from p2p_jax import checkpoints
@@ -19,6 +18,7 @@ from p2p_jax import devices
 from p2p_jax import step as step_lib
 from p2p_jax import validation
 from p2p_jax import workdir as workdir_lib
+from tests import damage as damage_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,49 +83,6 @@ def test_an_unfinished_save_leaves_the_previous_checkpoint_usable(state, tmp_pat
   reopened.close()
 
 
-def _largest_value(workdir, step):
-  """(file, offset, length) of the largest array chunk that step's index points to.
-
-  Found through OCDBT's own index, not by a file's size: a data file also holds index nodes
-  that a restore never reads (each process's, superseded by the merged index), so bytes
-  picked by position in a file may be bytes nothing reads.
-  """
-  state = os.path.join(workdir, "checkpoints", str(step), "state")
-  store = tensorstore.KvStore.open(f"file://{state}/").result()
-  values, nodes = [], [ref["root"]["location"]
-                       for ref in tensorstore.ocdbt.dump(store).result()["versions"][-1:]]
-  while nodes:
-    for entry in tensorstore.ocdbt.dump(store, nodes.pop()).result()["entries"]:
-      if "location" in entry:                    # an interior node's entry: a child node
-        nodes.append(entry["location"])
-      elif "indirect_value" in entry:            # value:<prefix>:<file>:<offset>:<length>
-        _, prefix, name, offset, length = entry["indirect_value"].split(":")
-        values.append((int(length), entry["key"], os.path.join(state, prefix, name),
-                       int(offset)))
-  length, _, path, offset = max(values)
-  return path, offset, length
-
-
-def _flip(value):
-  """16 bytes in the middle of the value XORed: the file still reads, the numbers differ."""
-  path, offset, length = value
-  data = bytearray(open(path, "rb").read())
-  for i in range(offset + length // 2 - 8, offset + length // 2 + 8):
-    data[i] ^= 0x5A
-  open(path, "wb").write(bytes(data))
-
-
-def _truncate(value):
-  """The value's file cut off in the middle of the value."""
-  path, offset, length = value
-  data = open(path, "rb").read()
-  open(path, "wb").write(data[:offset + length // 2])
-
-
-def _delete(value):
-  os.remove(value[0])
-
-
 def _edit_config(workdir, step):
   """A changed digit in the saved config (its learning rate): still valid JSON."""
   path = os.path.join(workdir, "checkpoints", str(step), "config", "metadata")
@@ -142,8 +99,8 @@ def test_a_damaged_checkpoint_is_named_and_the_newest_good_one_restored(state, t
   if damage == "config":
     _edit_config(str(tmp_path), 6)
   else:
-    target = _largest_value(tmp_path, 6)
-    {"flip": _flip, "truncate": _truncate, "delete": _delete}[damage](target)
+    target = damage_lib.largest_value(tmp_path, 6)
+    getattr(damage_lib, damage)(target)
 
   reader = checkpoints.Checkpointer(str(tmp_path), read_only=True)
   with caplog.at_level("WARNING"):
@@ -193,7 +150,7 @@ def test_a_bare_step_folder_is_never_a_checkpoint(state, tmp_path):
 def test_no_good_checkpoint_left_is_one_line_naming_each(state, tmp_path):
   config, initial = state
   _saved(tmp_path, {2: initial}, config).close()
-  _flip(_largest_value(tmp_path, 2))
+  damage_lib.flip(damage_lib.largest_value(tmp_path, 2))
   checkpointer = checkpoints.Checkpointer(str(tmp_path), read_only=True)
   with pytest.raises(checkpoints.CheckpointError, match=r"No checkpoint .* step 2: array") as error:
     checkpointer.restore(lambda saved: initial)

@@ -25,6 +25,7 @@ from p2p_jax import step as step_lib
 from p2p_jax import train
 from p2p_jax import validation
 from p2p_jax import workdir as workdir_lib
+from tests import damage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -324,13 +325,7 @@ def test_eval_falls_back_from_a_damaged_checkpoint_and_refuses_it_by_number(trai
   source, _, _ = trained
   workdir = str(tmp_path / "damaged")
   shutil.copytree(source, workdir)
-  files = [os.path.join(folder, name)
-           for folder, _, names in os.walk(os.path.join(workdir, "checkpoints", "40", "state"))
-           for name in names if os.sep + "d" + os.sep in os.path.join(folder, name)]
-  biggest = max(files, key=os.path.getsize)
-  data = bytearray(open(biggest, "rb").read())
-  data[len(data) // 2] ^= 0xFF                          # one flipped byte
-  open(biggest, "wb").write(bytes(data))
+  damage.flip(damage.largest_value(workdir, 40))
 
   assert evaluate.evaluate(_smoke_config(), workdir)["step"] == 20
   cmd, env = _command("p2p_jax.main", f"--workdir={workdir}", "--mode=eval",
