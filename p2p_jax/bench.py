@@ -138,11 +138,13 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
     state, metrics = step(state, batch, rng)
   jax.block_until_ready((state, metrics) if warmup else state)
   times = []
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(steps):
     start = time.perf_counter()
     state, metrics = step(state, batch, rng)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
   losses = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
   if not all(np.isfinite(list(losses.values()))):
     raise FloatingPointError(f"The benchmarked step produced non-finite losses: {losses}")
@@ -192,6 +194,8 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
       "backend": jax.default_backend(),
       "jax_version": jax.__version__,
       "peak_rss_mb": _peak_rss_mb(),
+      "page_faults_per_step": faults,
+      "malloc": hardware.freed_memory_policy,
       "device_memory_in_use_mb": memory["in_use"],
       "peak_device_memory_mb": memory["peak"],
       "loadavg_1m": os.getloadavg()[0],
@@ -289,6 +293,7 @@ def run_loop(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 3
       "devices": jax.local_device_count(),
       "backend": jax.default_backend(),
       "cores": hardware.num_cores(),
+      "malloc": hardware.freed_memory_policy,
       "loadavg_1m": os.getloadavg()[0],
   }
 

@@ -16,6 +16,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from p2p_jax import cli
+from p2p_jax import hardware
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the saved config.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming if possible) or evaluate.")
@@ -50,6 +51,7 @@ def main(argv):
 
   logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
+  logging.info("Host memory: %s.", hardware.freed_memory_policy)
   if FLAGS.mode == "train":
     if FLAGS.config is None:
       raise app.UsageError("Training needs --config, e.g. --config=configs/demo.py.")

@@ -19,7 +19,8 @@ _FIELDS = ("sec_per_step_median", "images_per_sec", "compile_s", "flops_per_step
            "gflops_per_sec", "matmul_gflops_per_sec", "model_flops_per_step",
            "model_gflops_per_sec", "mfu", "peak_gflops_per_sec", "peak_source", "forms",
            "params_generator", "params_discriminator", "batch_size", "image_size", "devices",
-           "backend", "peak_rss_mb", "device_memory_in_use_mb", "peak_device_memory_mb")
+           "backend", "peak_rss_mb", "page_faults_per_step", "malloc", "device_memory_in_use_mb",
+           "peak_device_memory_mb")
 
 
 def _smoke_config(**overrides):
@@ -60,6 +61,8 @@ def test_step_mode_reports_every_field_from_the_real_step():
   assert "measured in this run" in result["peak_source"]
   assert result["forms"] == step_lib.describe_forms(layers)
   assert result["peak_device_memory_mb"] is None     # the CPU backend keeps no such count
+  assert result["page_faults_per_step"] >= 0
+  assert result["malloc"] == hardware.freed_memory_policy   # None: imported, not run as a program
 
 
 def test_forms_of_the_layers_count_the_same_parameters():
@@ -102,6 +105,8 @@ def test_cli_prints_one_json_object_last_in_the_pipeline_and_loop_modes(tmp_path
     else:
       assert result["devices"] == 2 and result["cache"] == "memory"
       assert 0 < result["sec_per_step_alone"] and 0 < result["sec_per_step_loop"]
+      # Run as a program of the package: the malloc policy was settled at its import.
+      assert "glibc" in result["malloc"], result["malloc"]
       assert result["waiting_fraction"] == pytest.approx(
           max(0.0, 1 - result["sec_per_step_alone"] / result["sec_per_step_loop"]))
 
@@ -199,3 +204,68 @@ def test_layers_mode_times_each_distinct_layer_in_every_form(monkeypatch, units)
           choose.conv_form(row["x_shape"], row["kernel_shape"], row["stride"], "float32")
           if row["kind"] == "conv4x4"
           else choose.conv_transpose_form(row["x_shape"], row["kernel_shape"][3], "float32"))
+
+
+class _FakeLibc:
+  def __init__(self, accepts=True):
+    self.calls, self.accepts = [], accepts
+
+  def mallopt(self, option, value):
+    self.calls.append((option, value))
+    return 1 if self.accepts else 0
+
+
+@pytest.fixture
+def malloc_host(monkeypatch):
+  """A CPU-only Linux host with glibc, no malloc settings in the environment, and a libc
+  that records what it is asked (the test process's own malloc is left alone)."""
+  libc = _FakeLibc()
+  monkeypatch.setattr(hardware.ctypes, "CDLL", lambda name: libc)
+  monkeypatch.setattr(hardware.sys, "platform", "linux")
+  monkeypatch.setattr(hardware.platform, "libc_ver", lambda: ("glibc", "2.36"))
+  monkeypatch.setattr(hardware.importlib.util, "find_spec", lambda name: None)
+  for name in (hardware.KEEP_MEMORY_ENV,) + hardware._GLIBC_MALLOC_ENV:
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(hardware, "freed_memory_policy", None)
+  return libc
+
+
+def test_glibc_keeps_freed_memory_on_a_cpu_only_host(malloc_host):
+  said = hardware.keep_freed_memory()
+  assert said.startswith("glibc keeps freed memory") and hardware.freed_memory_policy == said
+  # One arena, no mmap, a 2 GiB trim threshold: mallopt's M_ARENA_MAX, M_MMAP_MAX and
+  # M_TRIM_THRESHOLD.
+  assert sorted(malloc_host.calls) == [(-8, 1), (-4, 0), (-1, 2 ** 31 - 1)]
+
+
+@pytest.mark.parametrize("env,plugin,expected", [
+    ({hardware.KEEP_MEMORY_ENV: "0"}, False, "glibc's defaults (P2P_JAX_KEEP_FREED_MEMORY=0)"),
+    ({hardware.KEEP_MEMORY_ENV: "yes"}, False, "P2P_JAX_KEEP_FREED_MEMORY='yes' is not 0 or 1"),
+    ({"MALLOC_ARENA_MAX": "4"}, False, "glibc's malloc as the environment sets it"),
+    ({}, True, "glibc's defaults (an accelerator plugin is installed)"),
+])
+def test_an_explicit_setting_or_an_accelerator_leaves_malloc_alone(malloc_host, monkeypatch, env,
+                                                                  plugin, expected):
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  if plugin:
+    monkeypatch.setattr(hardware.importlib.util, "find_spec",
+                        lambda name: object() if name == "jax_cuda12_plugin" else None)
+  assert hardware.keep_freed_memory().startswith(expected)
+  assert malloc_host.calls == []
+
+
+def test_the_policy_can_be_asked_for_beside_an_accelerator_plugin(malloc_host, monkeypatch):
+  monkeypatch.setenv(hardware.KEEP_MEMORY_ENV, "1")
+  monkeypatch.setattr(hardware.importlib.util, "find_spec", lambda name: object())
+  assert hardware.keep_freed_memory().startswith("glibc keeps freed memory")
+  assert len(malloc_host.calls) == 3
+
+
+def test_a_refused_mallopt_or_another_libc_keeps_the_defaults(malloc_host, monkeypatch):
+  malloc_host.accepts = False
+  assert hardware.keep_freed_memory() == "glibc refused mallopt: its defaults kept"
+  monkeypatch.setattr(hardware.platform, "libc_ver", lambda: ("", ""))   # musl, macOS
+  malloc_host.calls.clear()
+  assert hardware.keep_freed_memory() == "not glibc: its defaults kept"
+  assert malloc_host.calls == []
