@@ -301,7 +301,7 @@ def run_loop(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 3
 
 # The forms the layers mode times for each layer kind (and stride).
 _LAYER_CANDIDATES = {("conv4x4", 2): ("xla", "matmul", "s2"),
-                     ("conv4x4", 1): ("xla", "matmul", "taps", "winograd"),
+                     ("conv4x4", 1): ("xla", "matmul", "taps", "winograd", "nested"),
                      ("conv_transpose4x4", 2): choose.CONV_TRANSPOSE_FORMS + ("dilated",)}
 # A form whose largest intermediate would pass this many bytes is not timed.
 _LAYER_BYTES_LIMIT = 2 ** 31

@@ -71,34 +71,28 @@ class BatchNorm(nn.Module):
     running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
     running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
 
-    if use_running_average:
-      mean, var = running_mean.value, running_var.value
-    elif per_image:
-      # Each image with its own statistics, as a batch of one (test time only).
-      x32 = x.astype(jnp.float32)
-      mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
-      var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2), keepdims=True)
-    else:
-      x32 = x.astype(jnp.float32)
+    if not use_running_average and not per_image:
       # Outside pmap (at init) there is no axis to average over; on one device, nothing to.
       synced = (self.axis_name is not None and not self.is_initializing()
                 and lax.axis_size(self.axis_name) > 1)
-      mean = jnp.mean(x32, axis=(0, 1, 2))
-      if synced:
-        mean = lax.pmean(mean, self.axis_name)
-      # Two passes (mean, then the mean square deviation) keep the variance
-      # accurate where E[x^2] - E[x]^2 would cancel.
-      var = jnp.mean(jnp.square(x32 - mean), axis=(0, 1, 2))
-      if synced:
-        var = lax.pmean(var, self.axis_name)
+      y, mean, var = ops.batch_normalize(x, scale, bias, self.epsilon,
+                                         self.axis_name if synced else None)
       if self.is_mutable_collection("batch_stats") and not self.is_initializing():
+        mean, var = lax.stop_gradient((mean, var))
         count = x.shape[0] * x.shape[1] * x.shape[2]
         if synced:
           count *= lax.psum(1, self.axis_name)
         unbiased_var = var * (count / jnp.maximum(count - 1, 1))
         running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
         running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased_var
-
+      return y
+    if use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      # Each image with its own statistics, as a batch of one (test time only).
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
+      var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2), keepdims=True)
     inv = scale * lax.rsqrt(var + self.epsilon)
     return (x * inv.astype(x.dtype) + (bias - mean * inv).astype(x.dtype))
 
@@ -112,6 +106,14 @@ def _normalize(x: Array, norm: str, use_running_average: bool, axis_name: str | 
     return nn.InstanceNorm(epsilon=_NORM_EPSILON, use_scale=False, use_bias=False,
                            use_fast_variance=False, name=name)(x)
   return x
+
+
+def _add_bias(module: nn.Module, y: Array) -> Array:
+  """y + the module's bias parameter, [C_out], added in float32 and rounded once to y's
+  dtype: the bias's gradient, a sum over every pixel, is then summed in float32 (a
+  bfloat16 sum XLA:CPU runs as a slow windowed reduction, and rounds)."""
+  bias = module.param("bias", nn.initializers.zeros, (y.shape[-1],))
+  return (y.astype(jnp.float32) + bias).astype(y.dtype)
 
 
 class Conv4x4(nn.Module):
@@ -130,10 +132,11 @@ class Conv4x4(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = self.param("kernel", _weight_init, (4, 4, x.shape[-1], self.features))
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = ops.conv4x4(x, kernel, self.stride, self.impl)
+    # The float32 kernel goes in as it is: the ops cast it to x's dtype and return its
+    # gradient in float32, unrounded.
+    y = ops.conv4x4(x.astype(self.dtype), kernel, self.stride, self.impl)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+      y = _add_bias(self, y)
     return y
 
 
@@ -151,9 +154,9 @@ class Conv1x1(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = self.param("kernel", _weight_init, (1, 1, x.shape[-1], self.features))
-    y = ops.conv1x1(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = ops.conv1x1(x.astype(self.dtype), kernel)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+      y = _add_bias(self, y)
     return y
 
 
@@ -174,10 +177,9 @@ class UpConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = self.param("kernel", _weight_init, (4, 4, x.shape[-1], self.features))
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = ops.conv_transpose4x4(x, kernel, self.impl)
+    y = ops.conv_transpose4x4(x.astype(self.dtype), kernel, self.impl)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+      y = _add_bias(self, y)
     return y
 
 

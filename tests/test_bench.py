@@ -198,7 +198,7 @@ def test_layers_mode_times_each_distinct_layer_in_every_form(monkeypatch, units)
   assert result["cpu_bfloat16_units"] is units and result["peak_rss_mb"] > 0
   for row in rows:
     if units:
-      assert row["chosen"] in ("matmul", "taps", "winograd", "cols", "kernel_major"), row
+      assert row["chosen"] in ("matmul", "taps", "nested", "cols", "kernel_major"), row
     else:                 # bfloat16 without the units keeps float32's rules
       assert row["chosen"] == (
           choose.conv_form(row["x_shape"], row["kernel_shape"], row["stride"], "float32")

@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from p2p_jax import models
+from p2p_jax import ops
 
 
 def _init_shapes(module, *inputs, **kwargs):
@@ -200,3 +202,61 @@ def test_initialisation_is_normal_0_02():
   assert abs(kernel.std() - 0.02) < 0.002 and abs(kernel.mean()) < 0.002
   np.testing.assert_array_equal(params["up_0"]["bias"], 0.0)
   assert jax.tree.structure(params) == jax.tree.structure(variables["params"])
+
+
+def _normalize_by_autodiff(x, scale, bias):
+  """BatchNorm's normalisation written plainly, for XLA's autodiff to differentiate."""
+  mean = jnp.mean(x, axis=(0, 1, 2))
+  var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+  return (x - mean) * lax.rsqrt(var + 1e-5) * scale + bias
+
+
+def test_batch_normalize_has_autodiff_gradients_and_rounds_bfloat16_once():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(4, 6, 5, 3)) * 3 + 1, jnp.float32)
+  scale, bias = (jnp.asarray(rng.normal(size=3), jnp.float32) for _ in range(2))
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  (y, mean, var), pullback = jax.vjp(lambda *a: ops.batch_normalize(*a, 1e-5), x, scale, bias)
+  want, want_pullback = jax.vjp(_normalize_by_autodiff, x, scale, bias)
+  np.testing.assert_allclose(y, want, atol=1e-5)
+  np.testing.assert_allclose(mean, np.asarray(x).mean((0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(var, np.asarray(x).var((0, 1, 2)), rtol=1e-5)
+  zeros = jnp.zeros_like(mean)
+  for got, expected in zip(pullback((cotangent, zeros, zeros)), want_pullback(cotangent)):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  # bfloat16 activations: float32 arithmetic, one rounding at the end; the input gradient
+  # in bfloat16, the parameters' in float32 (their sums over every pixel unrounded).
+  x16 = x.astype(jnp.bfloat16)
+  (y16, _, _), pullback16 = jax.vjp(lambda *a: ops.batch_normalize(*a, 1e-5), x16, scale, bias)
+  exact = np.asarray(_normalize_by_autodiff(x16.astype(jnp.float32), scale, bias), np.float64)
+  assert y16.dtype == jnp.bfloat16
+  # One rounding to bfloat16's 8 significant bits moves a value by at most 2**-8 of it.
+  assert (np.abs(np.asarray(y16, np.float64) - exact) <= 2 ** -8 * np.abs(exact) + 1e-6).all()
+  x_grad, scale_grad, bias_grad = pullback16((cotangent.astype(jnp.bfloat16), zeros, zeros))
+  assert x_grad.dtype == jnp.bfloat16 and scale_grad.dtype == bias_grad.dtype == jnp.float32
+  np.testing.assert_allclose(bias_grad, np.asarray(cotangent.astype(jnp.bfloat16),
+                                                   np.float64).sum((0, 1, 2)), rtol=1e-5)
+
+
+def test_batch_normalize_across_replicas_is_the_whole_batch_normalised():
+  """Under pmap with the axis, 8 replicas' quarters are normalised, and their input
+  gradients found, as the whole batch on one device; each replica's parameter
+  gradients are its own share of the whole batch's."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(16, 3, 2, 4)) * 2 - 1, jnp.float32)
+  scale, bias = (jnp.asarray(rng.normal(size=4), jnp.float32) for _ in range(2))
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  def pulled(x, cotangent, axis_name):
+    (y, _, _), pullback = jax.vjp(lambda *a: ops.batch_normalize(*a, 1e-5, axis_name),
+                                  x, scale, bias)
+    zeros = jnp.zeros(4)
+    return (y, *pullback((cotangent, zeros, zeros)))
+
+  whole = pulled(x, cotangent, None)
+  shards = jax.pmap(lambda x, c: pulled(x, c, "batch"), axis_name="batch")(
+      x.reshape(8, 2, 3, 2, 4), cotangent.reshape(8, 2, 3, 2, 4))
+  for got, want in zip(shards[:2], whole[:2]):             # y, input gradient
+    np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, atol=1e-5)
+  for got, want in zip(shards[2:], whole[2:]):             # scale and bias gradients
+    np.testing.assert_allclose(np.asarray(got).sum(0), want, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ from p2p_jax.ops import choose
 from p2p_jax.ops import conv
 from p2p_jax.ops import conv_transpose
 from p2p_jax.ops import space_to_depth
+from p2p_jax.ops import windows
 from p2p_jax.ops import winograd
 
 
@@ -75,6 +76,7 @@ def test_conv_forms_agree_in_value_and_gradients(shape, c_out, stride):
     forms["space_to_depth"] = space_to_depth.space_to_depth_conv
   else:
     forms["winograd"] = winograd.conv4x4_winograd
+    forms["nested"] = winograd.conv4x4_nested
     forms["taps"] = conv.conv4x4_taps
   cotangent = jnp.asarray(rng.normal(size=xla.shape).astype(np.float32))
   reference = _pullback(lambda x, k: conv.conv4x4_xla(x, k, stride), x, kernel, cotangent)
@@ -103,7 +105,7 @@ def test_by_shape_forms_pick_by_shape():
   assert "conv4x4_s2" not in jaxpr and "conv4x4_matmul" not in jaxpr
   # Stride 1: Winograd once both sides have 16 channels; the 16 taps' matmul for
   # the 1-channel logits; XLA's convolution from few channels to many.
-  assert "conv4x4_winograd" in takes(
+  assert "winograd_conv" in takes(
       lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 16, 32)), 1, "by_shape"),
       jnp.zeros((1, 8, 8, 16)))
   jaxpr = takes(lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 16, 1)), 1, "by_shape"),
@@ -111,7 +113,7 @@ def test_by_shape_forms_pick_by_shape():
   assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
   jaxpr = takes(lambda x: ops.conv4x4(x, jnp.zeros((4, 4, 8, 32)), 1, "by_shape"),
                 jnp.zeros((1, 8, 8, 8)))
-  assert "conv4x4_winograd" not in jaxpr and "conv_general_dilated" in jaxpr
+  assert "winograd_conv" not in jaxpr and "conv_general_dilated" in jaxpr
   # Up-convolutions: the space-to-depth form once the matmul's products pass 2**23 values.
   kernel = jax.ShapeDtypeStruct((4, 4, 8, 64), jnp.float32)
   big, small = (jax.ShapeDtypeStruct(shape, jnp.float32) for shape in [(3, 64, 64, 8),
@@ -293,9 +295,11 @@ def test_the_full_size_networks_in_bfloat16_run_dot_forms(bf16_units):
   config = default.get_config("bf16")
   layers = step_lib.trace_layers(config, 4)
   forms = {layer.form for network in layers.values() for layer in network}
-  assert forms <= {"matmul", "taps", "winograd", "cols", "kernel_major"}, forms
+  assert forms <= {"matmul", "taps", "nested", "cols", "kernel_major"}, forms
   assert {layer.dtype for network in layers.values() for layer in network} == {"bfloat16"}
   assert len(layers["generator"]) == 16 and len(layers["discriminator"]) == 5
+  # The PatchGAN's widest layer (1024 2x2 output tiles at 4x256) as nested Winograd.
+  assert [layer.form for layer in layers["discriminator"]][3] == "nested"
 
 
 def test_bfloat16_units_are_read_from_the_cpu_flags(tmp_path, monkeypatch):
@@ -321,3 +325,137 @@ def test_the_environment_overrides_the_cpu_flags(tmp_path, monkeypatch):
   monkeypatch.setenv(hardware.BF16_UNITS_ENV, "yes")
   with pytest.raises(ValueError, match="P2P_JAX_CPU_BFLOAT16_UNITS='yes'.*set it to 1"):
     read(str(with_units))
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,stride,form", [
+    ((4, 32, 32, 256), (4, 4, 256, 512), 1, "nested"),   # the PatchGAN's widest layer, 4x256
+    ((1, 32, 32, 256), (4, 4, 256, 512), 1, "matmul"),   # the same at batch 1: 256 tiles
+    ((4, 31, 31, 512), (4, 4, 512, 1), 1, "taps"),       # the logits
+    ((4, 128, 128, 64), (4, 4, 64, 128), 2, "matmul"),
+])
+def test_bfloat16_rules_name_dot_forms(bf16_units, x_shape, kernel_shape, stride, form):
+  assert choose.conv_form(x_shape, kernel_shape, stride, "bfloat16") == form
+  assert choose.conv_form(x_shape, kernel_shape, stride, "float32") != "nested"
+
+
+def _rms_error(got, exact):
+  got, exact = np.asarray(got, np.float64), np.asarray(exact, np.float64)
+  return np.sqrt(np.mean((got - exact) ** 2) / np.mean(exact ** 2))
+
+
+def test_nested_winograd_in_bfloat16_rounds_about_twice_a_direct_convolution():
+  """Its operands are the transformed tiles and kernel, each rounded once to bfloat16
+  (by at most 2**-8 of itself): every value of the output is within 2**-7 of the sum of
+  the absolute products it is made of, plus its own final rounding; over the output and
+  both gradients, its RMS error stays within three times the direct (matmul) form's,
+  where F(2x2, 4x4)'s is several times worse."""
+  rng = np.random.default_rng(4)
+  (x, kernel), (x32, kernel32) = _bf16_operands(rng, (2, 10, 12, 32), (4, 4, 32, 24))
+  kernel, kernel32 = kernel * 0.1, kernel32 * 0.1
+  got = winograd.conv4x4_nested(x, kernel)
+  assert got.dtype == jnp.bfloat16
+  # The bound, in float64: 2**-7 |A|^T (sum_c |B^T d B| |G g G^T|) |A| for the two rounded
+  # operands of each product, and 2**-8 of the result for its own rounding to bfloat16.
+  algorithm = winograd.NESTED
+  bt, g = np.asarray(algorithm.bt, np.float64), np.asarray(algorithm.g, np.float64)
+  at = np.abs(np.asarray(algorithm.at, np.float64))
+  padded = np.pad(np.asarray(x32, np.float64), ((0, 0), (1, 2), (1, 2), (0, 0)))
+  tiles = np.stack([np.stack([padded[:, 2 * i:2 * i + 5, 2 * j:2 * j + 5]
+                              for j in range(6)], 1) for i in range(5)], 1)   # [N, 5, 6, 5, 5, C]
+  tile_t = np.abs(np.einsum("au,bv,nijuvc->nijabc", bt, bt, tiles))
+  kernel_t = np.abs(np.einsum("au,bv,uvco->abco", g, g, np.asarray(kernel32, np.float64)))
+  magnitude = np.einsum("pa,qb,nijabc,abco->nipjqo", at, at, tile_t, kernel_t)
+  want = np.asarray(conv.conv4x4_xla(x32, kernel32, 1), np.float64)
+  bound = (2.0 ** -7 * magnitude.reshape(2, 10, 12, 24)[:, :9, :11] + 2.0 ** -8 * np.abs(want)
+           ) * (1 + 1e-3) + 1e-6
+  assert (np.abs(np.asarray(got, np.float64) - want) <= bound).all()
+
+  (cotangent,), (cotangent32,) = _bf16_operands(rng, want.shape)
+  _, pullback = jax.vjp(lambda x, k: conv.conv4x4_xla(x, k, 1), x32, kernel32)
+  exact = [want, *pullback(cotangent32)]
+  errors = {}
+  for name, fn in (("matmul", lambda x, k: conv.conv4x4_matmul(x, k, 1)),
+                   ("nested", winograd.conv4x4_nested), ("winograd", winograd.conv4x4_winograd)):
+    y, fn_pullback = jax.vjp(fn, x, kernel)
+    errors[name] = [_rms_error(value, reference)
+                    for value, reference in zip([y, *fn_pullback(cotangent)], exact)]
+  for nested, direct, f2x2_4x4 in zip(errors["nested"], errors["matmul"], errors["winograd"]):
+    assert nested <= 3 * direct and f2x2_4x4 > 2 * nested, errors
+
+
+@pytest.mark.parametrize("form", ["matmul", "nested", "cols", "kernel_major", "blocks",
+                                  "space_to_depth"])
+def test_a_float32_kernel_gets_its_gradient_unrounded_from_bfloat16_layers(form):
+  """The layers cast a float32 kernel to the activations' bfloat16 themselves and return
+  its gradient from their float32 sums: a direct form's is exact to float32 rounding,
+  not rounded to bfloat16 on the way."""
+  rng = np.random.default_rng(5)
+  upconv = form in choose.CONV_TRANSPOSE_FORMS
+  x_shape = (2, 6, 8, 16) if upconv else (2, 12, 16, 16)
+  (x,), (x32,) = _bf16_operands(rng, x_shape)
+  kernel32 = jnp.asarray(rng.normal(size=(4, 4, 16, 24)), jnp.float32)
+  kernel_rounded = jnp.asarray(kernel32.astype(jnp.bfloat16), jnp.float32)
+  if upconv:
+    fn, reference = conv_transpose.FORMS[form], conv_transpose.upsample_dilated
+  else:
+    stride = 1 if form == "nested" else 2
+    fn = lambda x, k: conv.FORMS[form](x, k, stride)
+    reference = lambda x, k: conv.conv4x4_xla(x, k, stride)
+  y = jax.eval_shape(fn, x, kernel32)
+  assert y.dtype == jnp.bfloat16
+  (cotangent,), (cotangent32,) = _bf16_operands(rng, y.shape)
+  # Compiled whole, as in a train step: XLA:CPU must take every bfloat16 dot's layout.
+  x_grad, kernel_grad = jax.jit(lambda x, k, c: jax.vjp(fn, x, k)[1](c))(x, kernel32, cotangent)
+  assert x_grad.dtype == jnp.bfloat16 and kernel_grad.dtype == jnp.float32
+  with jax.default_matmul_precision("highest"):
+    _, reference_pullback = jax.vjp(reference, x32, kernel_rounded)
+    want = np.asarray(reference_pullback(cotangent32)[1], np.float64)
+  error = np.abs(np.asarray(kernel_grad, np.float64) - want).max() / np.abs(want).max()
+  if form == "nested":      # its operands are the rounded transforms: bfloat16's error
+    assert error < 2 ** -6
+  else:
+    assert error < 1e-5, error    # one bfloat16 rounding would be ~2**-9 = 2e-3
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape,stride", [((2, 8, 6, 5), 2), ((1, 7, 9, 3), 2),
+                                          ((2, 9, 8, 4), 1)])
+def test_windows_are_the_strided_taps_and_unpatch_is_their_adjoint(dtype, shape, stride):
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=shape), dtype)
+  n, height, width, c = shape
+  out_h, out_w = (height - 2) // stride + 1, (width - 2) // stride + 1
+  padded = np.pad(np.asarray(x, np.float32), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = np.stack([padded[:, u:u + stride * out_h:stride, v:v + stride * out_w:stride]
+                   for u in range(4) for v in range(4)], axis=3).reshape(n, out_h, out_w, -1)
+  got = jax.jit(windows.patches, static_argnums=1)(x, stride)
+  assert got.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32), want)     # moved, never rounded
+  cols = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  x32 = jnp.asarray(x, jnp.float32)
+  lhs = float(jnp.vdot(windows.patches(x32, stride), cols))
+  rhs = float(jnp.vdot(x32, windows.unpatch(cols, shape, stride)))
+  assert lhs == pytest.approx(rhs, rel=1e-5)
+
+
+def test_upsample_blocks_is_the_transposed_convolution():
+  rng = np.random.default_rng(7)
+  for shape, c_out in [((2, 5, 6, 7), 3), ((1, 1, 1, 4), 5), ((2, 8, 8, 16), 8)]:
+    x = rng.normal(size=shape).astype(np.float32)
+    kernel = rng.normal(size=(4, 4, shape[-1], c_out)).astype(np.float32)
+    got = windows.upsample_blocks(jnp.asarray(x), jnp.asarray(kernel))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, _conv_transpose_by_definition(x, kernel), atol=5e-5)
+
+
+@pytest.mark.parametrize("a,b", [(1024, 16), (16, 1024), (40, 48)])
+def test_weight_gradient_dots_sum_over_pixels_in_either_orientation(a, b):
+  """Whichever operand `dot_over_pixels` transposes, compiled in bfloat16 it returns
+  [A, B] float32 sums of the bfloat16 products (no layout XLA:CPU's bfloat16 dots
+  refuse at run time)."""
+  rng = np.random.default_rng(8)
+  (lhs, rhs), (lhs32, rhs32) = _bf16_operands(rng, (2, 5, 7, a), (2, 5, 7, b))
+  got = jax.jit(windows.dot_over_pixels)(lhs, rhs)
+  assert got.shape == (a, b) and got.dtype == jnp.float32
+  want = np.einsum("nhwa,nhwb->ab", np.asarray(lhs32, np.float64), np.asarray(rhs32, np.float64))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

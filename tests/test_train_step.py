@@ -201,18 +201,24 @@ def test_losses():
 BF16_LOSS_BOUND = 0.01
 
 
-def test_bfloat16_policy_keeps_state_and_losses_in_float32_and_follows_float32():
+@pytest.mark.parametrize("units", ["1", "0"])
+def test_bfloat16_policy_keeps_state_and_losses_in_float32_and_follows_float32(units):
   """`:bf16`: activations and matmul/convolution operands in bfloat16; parameters,
   Adam moments, BatchNorm statistics and losses float32. Over the first steps of the
-  smoke config its losses stay within BF16_LOSS_BOUND of float32's.
+  smoke config its losses stay within BF16_LOSS_BOUND of float32's, with the dot forms
+  of a CPU with bfloat16 units and with float32's forms, whatever this CPU has.
 
   Checked in a process of its own: late in a full test session, XLA:CPU has twice
   aborted while compiling this bfloat16 step (never alone, nor in the smaller
   groups of test files tried); a fresh process keeps the check and the suite.
   """
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+             XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             P2P_JAX_CPU_BFLOAT16_UNITS=units)
+  if units == "0":
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+  # The dot forms compile with XLA's full optimisations, as in training: they decide the
+  # layouts of bfloat16 dots, some of which XLA:CPU refuses at run time.
   result = subprocess.run([sys.executable, "-c", "from tests import test_train_step as t; "
                            "t.check_bfloat16_policy()"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)

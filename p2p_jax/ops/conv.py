@@ -2,7 +2,10 @@
 
 Each form takes x [N, H, W, C_in] and a kernel [4, 4, C_in, C_out] (HWIO) and
 returns [N, H', W', C_out] (H' = H / 2 at stride 2, H - 1 at stride 1); all
-compute the same function to float rounding and accumulate in float32.
+compute the same function to float rounding and accumulate in float32. They
+compute in x's dtype: a float32 kernel (a network's stored parameter) is cast
+to it inside, and its gradient comes back in float32 straight from the
+float32 sums, never rounded to the compute dtype on the way.
 
   xla       XLA's convolution and XLA's autodiff of it.
   matmul    one matmul of the input's 4x4 windows with the kernel; gradients
@@ -12,6 +15,8 @@ compute the same function to float rounding and accumulate in float32.
   taps      stride 1, few output channels: one matmul with the 16 taps and a
             sum of shifted products.
   winograd  stride 1: Winograd's F(2x2, 4x4) (`p2p_jax.ops.winograd`).
+  nested    stride 1: F(2x2, 2x2) on each 2x2 quarter of the kernel (the same module):
+            fewer multiplies than `matmul`, a smaller bfloat16 error than `winograd`.
 
 `conv4x4` takes an impl (`IMPLS`): `xla`; `by_shape`, the form
 `choose.conv_form` names for each layer's shapes (rules measured on XLA:CPU);
@@ -30,7 +35,7 @@ from jax import lax
 from p2p_jax.ops import choose
 from p2p_jax.ops import space_to_depth
 from p2p_jax.ops import windows
-from p2p_jax.ops.winograd import conv4x4_winograd
+from p2p_jax.ops import winograd
 from p2p_jax.validation import check_choice
 
 Array = jax.Array
@@ -40,8 +45,8 @@ IMPLS = ("auto", "by_shape", "xla")   # config.model.conv_impl
 
 def conv4x4_xla(x: Array, kernel: Array, stride: int) -> Array:
   """Conv2d(kernel 4, padding 1) as XLA writes it and differentiates it."""
-  return lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
-                                  dimension_numbers=windows.NHWC)
+  return lax.conv_general_dilated(x, kernel.astype(x.dtype), (stride, stride),
+                                  ((1, 1), (1, 1)), dimension_numbers=windows.NHWC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -56,17 +61,28 @@ def conv4x4_matmul(x: Array, kernel: Array, stride: int) -> Array:
 def _conv4x4_matmul_fwd(x, kernel, stride):
   x_windows = windows.patches(x, stride)
   c_in, c_out = kernel.shape[2], kernel.shape[3]
-  y = windows.dot(x_windows, kernel.reshape(16 * c_in, c_out), ((3,), (0,)))
+  y = windows.dot(x_windows, kernel.astype(x.dtype).reshape(16 * c_in, c_out), ((3,), (0,)))
   return y.astype(x.dtype), (x_windows, kernel, x.shape)
 
 
 def _conv4x4_matmul_bwd(stride, residuals, grad):
-  x_windows, kernel, x_shape = residuals
-  c_in, c_out = kernel.shape[2], kernel.shape[3]
-  flat_kernel = kernel.reshape(16 * c_in, c_out)
-  x_grad = windows.unpatch(windows.dot(grad, flat_kernel, ((3,), (1,))), x_shape, stride)
-  kernel_grad = windows.dot(x_windows.reshape(-1, 16 * c_in), grad.reshape(-1, c_out), ((0,), (0,)))
-  return x_grad.astype(kernel.dtype), kernel_grad.reshape(kernel.shape).astype(kernel.dtype)
+  x_windows, stored_kernel, x_shape = residuals
+  kernel = stored_kernel.astype(grad.dtype)
+  n, height, width, c_in = x_shape
+  c_out = kernel.shape[3]
+  if (stride == 2 and height % 2 == 0 and width % 2 == 0 and c_in >= 16
+      and n * height * width > 4 * c_out):
+    # The adjoint of a stride-2 convolution is a transposed one: one matmul of the
+    # gradient's 2x2 windows (4 C_out values a pixel) in place of the windows
+    # gradient (16 C_in values a pixel) and its overlap-add. Not for a few input
+    # channels (an image), whose 4 C_in columns are too few for a fast matmul, nor
+    # where the kernel, which this form lays out anew, outweighs the activations.
+    x_grad = windows.upsample_blocks(grad, jnp.swapaxes(kernel, 2, 3))
+  else:
+    x_grad = windows.unpatch(windows.dot(grad, kernel.reshape(16 * c_in, c_out), ((3,), (1,))),
+                             x_shape, stride)
+  kernel_grad = windows.dot_over_pixels(x_windows, grad)
+  return x_grad.astype(grad.dtype), kernel_grad.reshape(kernel.shape).astype(stored_kernel.dtype)
 
 
 conv4x4_matmul.defvjp(_conv4x4_matmul_fwd, _conv4x4_matmul_bwd)
@@ -102,7 +118,7 @@ def conv4x4_taps(x: Array, kernel: Array) -> Array:
   PatchGAN's logits), where XLA's own kernel gradient is 5-10x slower."""
   n, height, width, _ = x.shape
   c_out = kernel.shape[-1]
-  taps = windows.dot(x, windows.taps_matrix(kernel), ((3,), (0,)))
+  taps = windows.dot(x, windows.taps_matrix(kernel.astype(x.dtype)), ((3,), (0,)))
   taps = jnp.pad(taps.reshape(n, height, width, 4, 4, c_out),
                  ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
   # out[i, j] = sum_uv padded_x[i + u, j + v] @ kernel[u, v]
@@ -110,16 +126,19 @@ def conv4x4_taps(x: Array, kernel: Array) -> Array:
   return y.astype(x.dtype)
 
 
-def _winograd(x: Array, kernel: Array, stride: int) -> Array:
-  del stride   # stride 1 only
-  return conv4x4_winograd(x, kernel)
+def _winograd(algorithm: winograd.Algorithm):
+  def stride_1(x: Array, kernel: Array, stride: int) -> Array:
+    del stride   # stride 1 only
+    return winograd.winograd_conv(x, kernel, algorithm)
+  return stride_1
 
 
 # Every form by name (`choose.CONV_FORMS`): what `conv4x4` runs, and what the layers
 # benchmark (`python -m p2p_jax.bench --mode=layers`) times.
 FORMS = {"xla": conv4x4_xla, "matmul": conv4x4_matmul,
-          "s2": lambda x, kernel, stride: conv4x4_s2(x, kernel),
-          "taps": lambda x, kernel, stride: conv4x4_taps(x, kernel), "winograd": _winograd}
+         "s2": lambda x, kernel, stride: conv4x4_s2(x, kernel),
+         "taps": lambda x, kernel, stride: conv4x4_taps(x, kernel),
+         "winograd": _winograd(winograd.F2X2_4X4), "nested": _winograd(winograd.NESTED)}
 
 
 def conv4x4(x: Array, kernel: Array, stride: int, impl: str = "auto",
@@ -140,4 +159,5 @@ def conv1x1(x: Array, kernel: Array) -> Array:
   """A 1x1 convolution (the PixelGAN's): x [N, H, W, C_in], kernel [1, 1, C_in, C_out]."""
   c_in, c_out = kernel.shape[2], kernel.shape[3]
   choose.note("conv1x1", "matmul", 2 * x.size // c_in * c_in * c_out, x, kernel)
-  return windows.dot(x, kernel.reshape(c_in, c_out), ((3,), (0,))).astype(x.dtype)
+  flat_kernel = kernel.astype(x.dtype).reshape(c_in, c_out)
+  return windows.dot(x, flat_kernel, ((3,), (0,))).astype(x.dtype)

@@ -11,6 +11,12 @@ and returns [N, 2H, 2W, C_out]; all compute the same function to float rounding.
   dilated         the usual form: a convolution of the 2x-dilated input, XLA's autodiff.
   cols            one matmul of every pixel with the 16 taps and an overlap-add.
   space_to_depth  the adjoint of a stride-2 convolution's space-to-depth form.
+  blocks          one matmul of the input's 2x2 windows with the taps regrouped, and
+                  depth-to-space (`windows.upsample_blocks`, also the stride-2
+                  convolutions' input gradient); a candidate no rule picks yet.
+
+Each computes in x's dtype: a float32 kernel is cast to it inside, and the
+`by_shape` forms return its gradient in float32 from their float32 sums.
 
 `auto` is `by_shape` on the CPU and `dilated` (XLA's own) on accelerators
 (`choose.conv_transpose_impl_for`).
@@ -53,6 +59,7 @@ def upsample_subpixel(x: Array, kernel: Array) -> Array:
     [N, 2H, 2W, C_out].
   """
   n, h, w, _ = x.shape
+  kernel = kernel.astype(x.dtype)
   rows = []
   for row_taps, row_pad in _PHASE_TAPS:
     phases = []
@@ -67,7 +74,8 @@ def upsample_subpixel(x: Array, kernel: Array) -> Array:
 def upsample_dilated(x: Array, kernel: Array) -> Array:
   """The same transposed convolution written the usual way: a stride-1
   convolution of the 2x-dilated input with the spatially flipped kernel."""
-  return lax.conv_general_dilated(x, kernel[::-1, ::-1], (1, 1), ((2, 2), (2, 2)),
+  flipped = kernel[::-1, ::-1].astype(x.dtype)
+  return lax.conv_general_dilated(x, flipped, (1, 1), ((2, 2), (2, 2)),
                                   lhs_dilation=(2, 2), dimension_numbers=windows.NHWC)
 
 
@@ -90,7 +98,7 @@ def upsample_cols(x: Array, kernel: Array) -> Array:
   16 taps) and an overlap-add of the products."""
   n, h, w, _ = x.shape
   c_out = kernel.shape[-1]
-  cols = windows.dot(x, windows.taps_matrix(kernel), ((3,), (0,)))
+  cols = windows.dot(x, windows.taps_matrix(kernel.astype(x.dtype)), ((3,), (0,)))
   return windows.overlap_add(cols.reshape(n, h, w, 4, 4, c_out)).astype(x.dtype)
 
 
@@ -99,6 +107,8 @@ def _upsample_forward(x: Array, kernel: Array, form: str) -> Array:
     return upsample_space_to_depth(x, kernel)
   if form == "cols":
     return upsample_cols(x, kernel)
+  if form == "blocks":
+    return windows.upsample_blocks(x, kernel).astype(x.dtype)
   n, h, w, c_in = x.shape
   c_out = kernel.shape[-1]
   pixels = jnp.broadcast_to(x.reshape(1, n * h * w, c_in), (16, n * h * w, c_in))
@@ -111,7 +121,7 @@ def _upsample_forward(x: Array, kernel: Array, form: str) -> Array:
 def upsample_in_form(x: Array, kernel: Array, form: str) -> Array:
   """The same transposed convolution in `form` (`choose.CONV_TRANSPOSE_FORMS`), with the
   VJP described above. Args and result as `upsample_subpixel`."""
-  return _upsample_forward(x, kernel, form)
+  return _upsample_forward(x, kernel.astype(x.dtype), form)
 
 
 def upsample_by_shape(x: Array, kernel: Array) -> Array:
@@ -122,20 +132,27 @@ def upsample_by_shape(x: Array, kernel: Array) -> Array:
 
 def _upsample_in_form_fwd(x: Array, kernel: Array, form: str
                           ) -> tuple[Array, tuple[Array, Array]]:
-  return _upsample_forward(x, kernel, form), (x, kernel)
+  return _upsample_forward(x, kernel.astype(x.dtype), form), (x, kernel)
 
 
 def _upsample_in_form_bwd(form: str, residuals: tuple[Array, Array], grad: Array
                           ) -> tuple[Array, Array]:
-  x, kernel = residuals
+  x, stored_kernel = residuals
+  kernel = stored_kernel.astype(x.dtype)
   n, h, w, c_in = x.shape
   c_out = kernel.shape[-1]
   pixels = n * h * w
   if form == "kernel_major":
     taps = windows.patches(grad, 2).reshape(pixels, 16, c_out)
-    # [16, C_in, C_out] x [16, C_out, M] -> [16, C_in, M], summed over the taps.
-    x_grad = windows.dot(kernel.reshape(16, c_in, c_out), taps.transpose(1, 2, 0), ((2,), (1,)),
-                         ((0,), (0,))).sum(axis=0).T.reshape(n, h, w, c_in)
+    if choose.dots_only(grad.dtype):
+      # One matmul with the taps matrix: XLA:CPU's bfloat16 dots do not take the
+      # batched form below (it runs it in float32).
+      x_grad = windows.dot(taps.reshape(n, h, w, 16 * c_out), windows.taps_matrix(kernel),
+                           ((3,), (1,)))
+    else:
+      # [16, C_in, C_out] x [16, C_out, M] -> [16, C_in, M], summed over the taps.
+      x_grad = windows.dot(kernel.reshape(16, c_in, c_out), taps.transpose(1, 2, 0),
+                           ((2,), (1,)), ((0,), (0,))).sum(axis=0).T.reshape(n, h, w, c_in)
     x_taps = jnp.broadcast_to(x.reshape(1, pixels, c_in).transpose(0, 2, 1), (16, c_in, pixels))
     kernel_grad = windows.dot(x_taps, taps.transpose(1, 0, 2), ((2,), (1,)), ((0,), (0,)))
     kernel_grad = kernel_grad.reshape(4, 4, c_in, c_out)
@@ -165,9 +182,9 @@ def _upsample_in_form_bwd(form: str, residuals: tuple[Array, Array], grad: Array
       kernel_grad = jnp.stack(parts).reshape(2, 2, c_in, 2, 2, c_out)   # [a, b, C_in, p, q, C_out]
       kernel_grad = kernel_grad.transpose(0, 3, 1, 4, 2, 5).reshape(4, 4, c_in, c_out)
     else:
-      kernel_grad = windows.dot(flat_x, grad_windows.reshape(pixels, 16 * c_out), ((0,), (0,)))
+      kernel_grad = windows.dot_over_pixels(x, grad_windows)
       kernel_grad = kernel_grad.reshape(c_in, 4, 4, c_out).transpose(1, 2, 0, 3)
-  return x_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
+  return x_grad.astype(x.dtype), kernel_grad.astype(stored_kernel.dtype)
 
 
 upsample_in_form.defvjp(_upsample_in_form_fwd, _upsample_in_form_bwd)

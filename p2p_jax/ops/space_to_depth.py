@@ -34,6 +34,7 @@ def upsample_space_to_depth(x: Array, kernel: Array) -> Array:
   four phases of each output pixel's 2x2 block, then depth-to-space.
   [N, H, W, C_in], kernel [4, 4, C_in, C_out] -> [N, 2H, 2W, C_out]."""
   n, h, w, _ = x.shape
+  kernel = kernel.astype(x.dtype)
   image = jax.ShapeDtypeStruct((n, 2 * h, 2 * w, kernel.shape[-1]), x.dtype)
   (y,) = jax.linear_transpose(lambda z: space_to_depth_conv(z, jnp.swapaxes(kernel, 2, 3)),
                               image)(x)
