@@ -33,7 +33,6 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
   """A Winograd algorithm for two outputs of a 4-tap correlation from five inputs."""
-  name: str
   bt: tuple   # [points, 5]: the input tile transform B^T
   g: tuple    # [points, 4]: the kernel transform G
   at: tuple   # [2, points]: the output transform A^T
@@ -46,7 +45,6 @@ class Algorithm:
 # F(2x2, 4x4). The rows of B^T are scaled to integers (and those of G by the inverse), so
 # the input transform adds no rounding of its own.
 F2X2_4X4 = Algorithm(
-    "winograd",
     bt=((2, -1, -2, 1, 0), (0, 2, 1, -1, 0), (0, -2, 3, -1, 0), (0, -1, 0, 1, 0),
         (0, 2, -1, -2, 1)),
     g=((1 / 2, 0, 0, 0), (1 / 2, 1 / 2, 1 / 2, 1 / 2), (1 / 6, -1 / 6, 1 / 6, -1 / 6),
@@ -56,7 +54,6 @@ F2X2_4X4 = Algorithm(
 # F(2, 2) on taps 0-1 (inputs 0-2) and on taps 2-3 (inputs 2-4): m = (d0 - d1) g0,
 # d1 (g0 + g1), (d2 - d1) g1; y0 = m0 + m1, y1 = m1 + m2; the halves' outputs add.
 NESTED = Algorithm(
-    "nested",
     bt=((1, -1, 0, 0, 0), (0, 1, 0, 0, 0), (0, -1, 1, 0, 0), (0, 0, 1, -1, 0), (0, 0, 0, 1, 0),
         (0, 0, 0, -1, 1)),
     g=((1, 0, 0, 0), (1, 1, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 1, 1), (0, 0, 0, 1)),
