@@ -31,6 +31,7 @@ Progress goes to the log; the last line printed is one JSON object.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -308,7 +309,16 @@ _LAYER_BYTES_LIMIT = 2 ** 31
 
 
 def _layer_form(layer: choose.Layer, form: str) -> Any:
+  """The layer in `form`; `float32`: in float32's form for its shapes, its input cast up
+  and its output back (how a bfloat16 layer `choose.in_float32` names runs)."""
   from p2p_jax.ops import conv, conv_transpose  # pylint: disable=g-import-not-at-top
+  if form == "float32":
+    if layer.kind == "conv4x4":
+      form = choose.conv_form(layer.x_shape, layer.kernel_shape, layer.stride, jnp.float32)
+    else:
+      form = choose.conv_transpose_form(layer.x_shape, layer.kernel_shape[3], jnp.float32)
+    in_form = _layer_form(layer, form)
+    return lambda x, kernel: in_form(x.astype(jnp.float32), kernel).astype(x.dtype)
   if layer.kind == "conv4x4":
     return lambda x, kernel: conv.FORMS[form](x, kernel, layer.stride)
   return conv_transpose.FORMS[form]
@@ -325,11 +335,12 @@ def _largest_bytes(layer: choose.Layer, form: str) -> int:
 
 
 def time_layer(layer: choose.Layer, form: str, repeats: int = 5) -> float:
-  """Median seconds of one layer's forward pass and both gradients in `form`."""
+  """Median seconds of one layer's forward pass and both gradients in `form`, its input in
+  the layer's dtype and its kernel in float32, as the networks store it (a bfloat16 form's
+  time includes the kernel's cast)."""
   keys = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(keys[0], layer.x_shape, jnp.float32).astype(layer.dtype)
-  kernel = (0.02 * jax.random.normal(keys[1], layer.kernel_shape, jnp.float32)
-            ).astype(layer.dtype)
+  kernel = 0.02 * jax.random.normal(keys[1], layer.kernel_shape, jnp.float32)
   apply = _layer_form(layer, form)
   out = jax.eval_shape(apply, x, kernel)
   cotangent = jax.random.normal(keys[2], out.shape, jnp.float32).astype(out.dtype)
@@ -352,31 +363,38 @@ def run_layers(config: ml_collections.ConfigDict, repeats: int = 5) -> dict[str,
   """Each distinct linear layer of G and D, timed (forward and both gradients) in every
   form that applies, against the form `by_shape` picks for it: the measurements behind
   `choose.conv_form` and `choose.conv_transpose_form`, for the config's per-device batch,
-  image size and dtype on this backend."""
+  image size and dtype on this backend. In bfloat16 where the CPU has bfloat16 units,
+  each layer is also timed in float32 (form `float32`, the choice of `choose.in_float32`)."""
   per_device = config.batch_size // jax.local_device_count()
   devices.check_batch_divides(config.batch_size, jax.local_device_count())
   by_shape = _with(config, batch_size=config.batch_size, conv_impl="by_shape",
                    upconv_impl="by_shape")
   traced = step_lib.trace_layers(by_shape, per_device)
   rows, seen = [], set()
+  dtype = jnp.dtype(config.model.dtype)
   for network, layers in traced.items():
-    for layer in layers:
+    for traced_layer in layers:
+      # A layer that runs in float32 under a bfloat16 model is timed in the model's dtype,
+      # its forms and float32 side by side.
+      layer = dataclasses.replace(traced_layer, dtype=str(dtype))
+      chosen = "float32" if traced_layer.dtype != layer.dtype else traced_layer.form
       key = (layer.kind, layer.x_shape, layer.kernel_shape, layer.stride)
       candidates = _LAYER_CANDIDATES.get((layer.kind, layer.stride))
       if candidates is None or key in seen:
         continue
       seen.add(key)
+      if choose.dots_only(dtype):
+        candidates += ("float32",)
       times = {form: time_layer(layer, form, repeats) for form in candidates
                if _largest_bytes(layer, form) <= _LAYER_BYTES_LIMIT}
       fastest = min(times, key=times.get)
       rows.append({"network": network, "kind": layer.kind, "x_shape": list(layer.x_shape),
                    "kernel_shape": list(layer.kernel_shape), "stride": layer.stride,
-                   "dtype": layer.dtype, "chosen": layer.form, "fastest": fastest,
+                   "dtype": layer.dtype, "chosen": chosen, "fastest": fastest,
                    "ms": {form: 1e3 * t for form, t in times.items()},
-                   "chosen_over_fastest": times[layer.form] / times[fastest]})
+                   "chosen_over_fastest": times[chosen] / times[fastest]})
       logging.info("%s %s %s: chosen %s %.1f ms, fastest %s %.1f ms", network, layer.kind,
-                   layer.x_shape, layer.form, 1e3 * times[layer.form], fastest,
-                   1e3 * times[fastest])
+                   layer.x_shape, chosen, 1e3 * times[chosen], fastest, 1e3 * times[fastest])
   chosen = sum(row["ms"][row["chosen"]] for row in rows)
   fastest = sum(row["ms"][row["fastest"]] for row in rows)
   return {

@@ -306,13 +306,19 @@ def trace_layers(config: ml_collections.ConfigDict, per_device_batch: int
 
 
 def describe_forms(layers: dict[str, list[choose.Layer]]) -> dict[str, dict[str, dict[str, int]]]:
-  """{network: {layer kind: {form: count}}}: which form each layer kind runs, and how often."""
+  """{network: {layer kind: {form: count}}}: which form each layer kind runs, and how often.
+
+  In a bfloat16 model, a layer that runs in float32 (`choose.in_float32`) counts as
+  "<form> in float32".
+  """
+  mixed = len({layer.dtype for network_layers in layers.values() for layer in network_layers}) > 1
   summary = {}
   for network, network_layers in layers.items():
     kinds = summary.setdefault(network, {})
     for layer in network_layers:
+      form = f"{layer.form} in float32" if mixed and layer.dtype == "float32" else layer.form
       forms = kinds.setdefault(layer.kind, {})
-      forms[layer.form] = forms.get(layer.form, 0) + 1
+      forms[form] = forms.get(form, 0) + 1
   return summary
 
 

@@ -217,7 +217,8 @@ def describe_layer_forms(config: ml_collections.ConfigDict) -> str:
   backend, dtype = jax.default_backend(), config.model.dtype
   why = ""
   if backend == "cpu" and dtype == "bfloat16":
-    why = (" This CPU has bfloat16 units, so by_shape runs every layer as dots."
+    why = (" This CPU has bfloat16 units, so by_shape runs every layer as dots (and the "
+           "innermost ones, whose kernels are most of what they read, in float32)."
            if hardware.cpu_bfloat16_units() else
            " This CPU has no bfloat16 units, so by_shape keeps float32's forms (and float32 "
            "is faster here).")

@@ -176,7 +176,8 @@ def test_the_accelerator_check_runs_in_its_smoke_mode():
 @pytest.mark.parametrize("units", [False, True])
 def test_layers_mode_times_each_distinct_layer_in_every_form(monkeypatch, units):
   """Each distinct layer once, in every candidate form, the chosen one among them; in
-  bfloat16 on a CPU with bfloat16 units the chosen forms are dots."""
+  bfloat16 on a CPU with bfloat16 units the chosen forms are dots, or float32 (timed
+  beside them for every layer) for the innermost levels."""
   monkeypatch.setattr(hardware, "cpu_bfloat16_units", lambda: units)
   config = _smoke_config()
   config.model.num_downs = 3
@@ -198,12 +199,18 @@ def test_layers_mode_times_each_distinct_layer_in_every_form(monkeypatch, units)
   assert result["cpu_bfloat16_units"] is units and result["peak_rss_mb"] > 0
   for row in rows:
     if units:
-      assert row["chosen"] in ("matmul", "taps", "nested", "cols", "kernel_major"), row
+      assert row["chosen"] in ("matmul", "taps", "nested", "cols", "kernel_major", "float32")
+      assert "float32" in row["ms"]
+      assert (row["chosen"] == "float32") is choose.in_float32(
+          row["kind"], row["x_shape"], row["stride"], "bfloat16"), row
     else:                 # bfloat16 without the units keeps float32's rules
       assert row["chosen"] == (
           choose.conv_form(row["x_shape"], row["kernel_shape"], row["stride"], "float32")
           if row["kind"] == "conv4x4"
           else choose.conv_transpose_form(row["x_shape"], row["kernel_shape"][3], "float32"))
+      assert "float32" not in row["ms"]
+  # The smoke U-Net's innermost levels (a few pixels) run in float32 where there are units.
+  assert any(row["chosen"] == "float32" for row in rows) is units
 
 
 class _FakeLibc:

@@ -78,7 +78,9 @@ def test_a_run_opens_and_closes_with_what_a_person_needs():
 
 @pytest.mark.parametrize("dtype, units, why", [
     ("float32", True, ""),
-    ("bfloat16", True, " This CPU has bfloat16 units, so by_shape runs every layer as dots."),
+    ("bfloat16", True, " This CPU has bfloat16 units, so by_shape runs every layer as dots "
+                       "(and the innermost ones, whose kernels are most of what they read, in "
+                       "float32)."),
     ("bfloat16", False, " This CPU has no bfloat16 units, so by_shape keeps float32's forms "
                         "(and float32 is faster here)."),
 ])
@@ -91,3 +93,4 @@ def test_the_layer_forms_line_says_what_the_cpu_decided(monkeypatch, dtype, unit
   assert line.endswith("GFLOP per step." + why)
   dots = units and dtype == "bfloat16"
   assert ("'s2'" in line) is not dots and ("'winograd'" in line) is not dots, line
+  assert (" in float32'" in line) is dots, line     # the smoke U-Net's innermost levels

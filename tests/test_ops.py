@@ -296,10 +296,62 @@ def test_the_full_size_networks_in_bfloat16_run_dot_forms(bf16_units):
   layers = step_lib.trace_layers(config, 4)
   forms = {layer.form for network in layers.values() for layer in network}
   assert forms <= {"matmul", "taps", "nested", "cols", "kernel_major"}, forms
-  assert {layer.dtype for network in layers.values() for layer in network} == {"bfloat16"}
   assert len(layers["generator"]) == 16 and len(layers["discriminator"]) == 5
+  # At batch 4 the U-Net's innermost convolution (2x2 -> 1x1) and its two innermost
+  # transposed ones (1x1 and 2x2 inputs) run in float32; every other layer in bfloat16.
+  in_float32 = [(layer.kind, layer.x_shape[1]) for network in layers.values()
+                for layer in network if layer.dtype == "float32"]
+  assert in_float32 == [("conv4x4", 2), ("conv_transpose4x4", 1), ("conv_transpose4x4", 2)]
+  assert sum(layer.dtype == "bfloat16" for network in layers.values() for layer in network) == 18
   # The PatchGAN's widest layer (1024 2x2 output tiles at 4x256) as nested Winograd.
   assert [layer.form for layer in layers["discriminator"]][3] == "nested"
+
+
+@pytest.mark.parametrize("kind,x_shape,stride,float32", [
+    ("conv4x4", (8, 2, 2, 256), 2, True),            # 8 output pixels: the demo's innermost
+    ("conv4x4", (2, 4, 4, 16), 2, True),
+    ("conv4x4", (1, 8, 8, 512), 2, False),           # 16
+    ("conv4x4", (1, 4, 4, 64), 1, False),            # stride 1: 3x3 = 9, one past the rule
+    ("conv_transpose4x4", (8, 2, 2, 512), 2, True),  # 32 input pixels
+    ("conv_transpose4x4", (1, 8, 8, 1024), 2, False),
+])
+def test_the_rule_for_float32_layers_counts_pixels(bf16_units, kind, x_shape, stride, float32):
+  assert choose.in_float32(kind, x_shape, stride, "bfloat16") is float32
+  assert not choose.in_float32(kind, x_shape, stride, "float32")
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_innermost_bfloat16_layers_run_in_float32_where_the_cpu_has_bfloat16_units(
+    monkeypatch, units):
+  """A layer `choose.in_float32` names computes on its bfloat16 input cast up and the
+  float32 kernel as stored, and rounds its output and input gradient once to bfloat16:
+  bit for bit the float32 layer's results rounded; its kernel gradient is the float32
+  one. Its neighbours with more pixels, and every layer without the units, stay in
+  bfloat16 (recorded so)."""
+  monkeypatch.setattr(hardware, "cpu_bfloat16_units", lambda: units)
+  rng = np.random.default_rng(6)
+  cases = [(lambda x, k: ops.conv4x4(x, k, 2, "by_shape"), (2, 4, 4, 16), (4, 4, 16, 32)),
+           (lambda x, k: ops.conv4x4(x, k, 2, "by_shape"), (3, 4, 4, 16), (4, 4, 16, 32)),
+           (lambda x, k: ops.conv_transpose4x4(x, k, "by_shape"), (2, 4, 4, 24), (4, 4, 24, 8)),
+           (lambda x, k: ops.conv_transpose4x4(x, k, "by_shape"), (1, 4, 9, 24), (4, 4, 24, 8))]
+  routed = []
+  for fn, x_shape, kernel_shape in cases:
+    (x,), _ = _bf16_operands(rng, x_shape)
+    kernel = jnp.asarray(0.1 * rng.normal(size=kernel_shape), jnp.float32)
+    with choose.recording() as layers:
+      y, pullback = jax.vjp(fn, x, kernel)
+    (cotangent,), _ = _bf16_operands(rng, y.shape)
+    x_grad, kernel_grad = pullback(cotangent)
+    assert y.dtype == x_grad.dtype == jnp.bfloat16 and kernel_grad.dtype == jnp.float32
+    routed.append(layers[0].dtype == "float32")
+    if routed[-1]:
+      want, want_pullback = jax.vjp(fn, x.astype(jnp.float32), kernel)
+      want_x_grad, want_kernel_grad = want_pullback(cotangent.astype(jnp.float32))
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(want.astype(jnp.bfloat16)))
+      np.testing.assert_array_equal(np.asarray(x_grad),
+                                    np.asarray(want_x_grad.astype(jnp.bfloat16)))
+      np.testing.assert_array_equal(np.asarray(kernel_grad), np.asarray(want_kernel_grad))
+  assert routed == ([True, False, True, False] if units else [False] * 4)
 
 
 def test_bfloat16_units_are_read_from_the_cpu_flags(tmp_path, monkeypatch):
@@ -383,7 +435,7 @@ def test_nested_winograd_in_bfloat16_rounds_about_twice_a_direct_convolution():
     assert nested <= 3 * direct and f2x2_4x4 > 2 * nested, errors
 
 
-@pytest.mark.parametrize("form", ["matmul", "nested", "cols", "kernel_major", "blocks",
+@pytest.mark.parametrize("form", ["matmul", "nested", "taps", "cols", "kernel_major", "blocks",
                                   "space_to_depth"])
 def test_a_float32_kernel_gets_its_gradient_unrounded_from_bfloat16_layers(form):
   """The layers cast a float32 kernel to the activations' bfloat16 themselves and return
@@ -398,7 +450,7 @@ def test_a_float32_kernel_gets_its_gradient_unrounded_from_bfloat16_layers(form)
   if upconv:
     fn, reference = conv_transpose.FORMS[form], conv_transpose.upsample_dilated
   else:
-    stride = 1 if form == "nested" else 2
+    stride = 1 if form in ("nested", "taps") else 2
     fn = lambda x, k: conv.FORMS[form](x, k, stride)
     reference = lambda x, k: conv.conv4x4_xla(x, k, stride)
   y = jax.eval_shape(fn, x, kernel32)

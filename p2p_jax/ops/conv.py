@@ -19,7 +19,8 @@ float32 sums, never rounded to the compute dtype on the way.
             fewer multiplies than `matmul`, a smaller bfloat16 error than `winograd`.
 
 `conv4x4` takes an impl (`IMPLS`): `xla`; `by_shape`, the form
-`choose.conv_form` names for each layer's shapes (rules measured on XLA:CPU);
+`choose.conv_form` names for each layer's shapes (rules measured on XLA:CPU;
+in bfloat16, a layer `choose.in_float32` names runs its float32 form);
 or `auto`, which is `by_shape` on the CPU and `xla` on accelerators
 (`choose.conv_impl_for`). `conv1x1` is the PixelGAN's 1x1 convolution.
 """
@@ -112,10 +113,12 @@ def _conv4x4_s2_bwd(residuals, grad):
 conv4x4_s2.defvjp(_conv4x4_s2_fwd, _conv4x4_s2_bwd)
 
 
+@jax.custom_vjp
 def conv4x4_taps(x: Array, kernel: Array) -> Array:
   """The stride-1 convolution as one matmul of every pixel with the kernel's 16
   taps and a sum of the taps' shifted products: for a few output channels (the
-  PatchGAN's logits), where XLA's own kernel gradient is 5-10x slower."""
+  PatchGAN's logits), where XLA's own kernel gradient is 5-10x slower. Its
+  gradients are matmuls with the taps' gradient (the output gradient's 16 shifts)."""
   n, height, width, _ = x.shape
   c_out = kernel.shape[-1]
   taps = windows.dot(x, windows.taps_matrix(kernel.astype(x.dtype)), ((3,), (0,)))
@@ -124,6 +127,35 @@ def conv4x4_taps(x: Array, kernel: Array) -> Array:
   # out[i, j] = sum_uv padded_x[i + u, j + v] @ kernel[u, v]
   y = sum(taps[:, u:u + height - 1, v:v + width - 1, u, v] for u in range(4) for v in range(4))
   return y.astype(x.dtype)
+
+
+@windows.as_bits
+def _taps_grad(grad: Array) -> Array:
+  """[N, H - 1, W - 1, C_out] -> [N, H, W, (u, v, C_out)]: the gradient of tap (u, v)'s
+  product at pixel (a, b) is the output gradient at (a + 1 - u, b + 1 - v), or zero."""
+  _, height, width, _ = grad.shape
+  padded = jnp.pad(grad, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  return jnp.concatenate([padded[:, 3 - u:4 - u + height, 3 - v:4 - v + width]
+                          for u in range(4) for v in range(4)], axis=3)
+
+
+def _conv4x4_taps_fwd(x, kernel):
+  return conv4x4_taps(x, kernel), (x, kernel)
+
+
+def _conv4x4_taps_bwd(residuals, grad):
+  x, stored_kernel = residuals
+  c_in, c_out = stored_kernel.shape[2], stored_kernel.shape[3]
+  taps_grad = _taps_grad(grad)
+  x_grad = windows.dot(taps_grad, windows.taps_matrix(stored_kernel.astype(grad.dtype)),
+                       ((3,), (1,)))
+  # A weight gradient as XLA:CPU's bfloat16 dots take it (autodiff's [pixels, C_in]
+  # contracted on its first axis ran in float32).
+  kernel_grad = windows.dot_over_pixels(x, taps_grad).reshape(c_in, 4, 4, c_out)
+  return x_grad.astype(x.dtype), kernel_grad.transpose(1, 2, 0, 3).astype(stored_kernel.dtype)
+
+
+conv4x4_taps.defvjp(_conv4x4_taps_fwd, _conv4x4_taps_bwd)
 
 
 def _winograd(algorithm: winograd.Algorithm):
@@ -147,6 +179,8 @@ def conv4x4(x: Array, kernel: Array, stride: int, impl: str = "auto",
   (default: JAX's default backend, which `auto` resolves for)."""
   check_choice("conv_impl", impl, IMPLS)
   impl = choose.conv_impl_for(impl, backend or jax.default_backend())
+  if impl == "by_shape" and choose.in_float32("conv4x4", x.shape, stride, x.dtype):
+    return conv4x4(x.astype(jnp.float32), kernel, stride, impl, backend).astype(x.dtype)
   form = (choose.conv_form(x.shape, kernel.shape, stride, x.dtype) if impl == "by_shape"
           else "xla")
   n, height, width, c_in = x.shape

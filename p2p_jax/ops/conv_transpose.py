@@ -6,7 +6,8 @@ and returns [N, 2H, 2W, C_out]; all compute the same function to float rounding.
 
   by_shape        a hand-written VJP; forward and gradients in the formulation
                   `choose.conv_transpose_form` picks for the layer's shapes (rules
-                  measured on XLA:CPU).
+                  measured on XLA:CPU; in bfloat16, a layer `choose.in_float32`
+                  names runs in float32).
   subpixel        four 2x2 stride-1 convolutions (one per output phase), XLA's autodiff.
   dilated         the usual form: a convolution of the 2x-dilated input, XLA's autodiff.
   cols            one matmul of every pixel with the 16 taps and an overlap-add.
@@ -204,6 +205,8 @@ def conv_transpose4x4(x: Array, kernel: Array, impl: str = "auto",
   `backend` (default: JAX's default backend, which `auto` resolves for)."""
   check_choice("upconv_impl", impl, IMPLS)
   impl = choose.conv_transpose_impl_for(impl, backend or jax.default_backend())
+  if impl == "by_shape" and choose.in_float32("conv_transpose4x4", x.shape, dtype=x.dtype):
+    return conv_transpose4x4(x.astype(jnp.float32), kernel, impl, backend).astype(x.dtype)
   form = (choose.conv_transpose_form(x.shape, kernel.shape[-1], x.dtype) if impl == "by_shape"
           else impl)
   n, h, w, c_in = x.shape
