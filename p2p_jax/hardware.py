@@ -159,8 +159,9 @@ def keep_freed_memory() -> str:
   process holds its peak heap (up to 1.5 GB more resident memory at 4x256), and
   one arena serialises large allocations across threads, so it applies only
   where no accelerator plugin is installed. It must run before a second thread
-  allocates: glibc fixes its arena count then. p2p_jax's programs (`python -m p2p_jax.<program>`) call it
-  from the package's import, before NumPy, TensorFlow or XLA start threads.
+  allocates: glibc fixes its arena count then. p2p_jax's programs
+  (`python -m p2p_jax.<program>`) call it from the package's import, before NumPy,
+  TensorFlow or XLA start threads.
   """
   global freed_memory_policy
   setting = os.environ.get(KEEP_MEMORY_ENV, "").strip()

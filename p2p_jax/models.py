@@ -75,13 +75,11 @@ class BatchNorm(nn.Module):
       # Outside pmap (at init) there is no axis to average over; on one device, nothing to.
       synced = (self.axis_name is not None and not self.is_initializing()
                 and lax.axis_size(self.axis_name) > 1)
-      y, mean, var = ops.batch_normalize(x, scale, bias, self.epsilon,
-                                         self.axis_name if synced else None)
+      axis_name = self.axis_name if synced else None
+      y, mean, var = ops.batch_normalize(x, scale, bias, self.epsilon, axis_name)
       if self.is_mutable_collection("batch_stats") and not self.is_initializing():
         mean, var = lax.stop_gradient((mean, var))
-        count = x.shape[0] * x.shape[1] * x.shape[2]
-        if synced:
-          count *= lax.psum(1, self.axis_name)
+        count = ops.pixel_count(x, axis_name)
         unbiased_var = var * (count / jnp.maximum(count - 1, 1))
         running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
         running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased_var

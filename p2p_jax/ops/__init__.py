@@ -17,8 +17,8 @@ backend (`by_shape` on the CPU, XLA's own on accelerators), by the rules in
   choose          which form a layer runs, by backend and shapes; recording what ran
   normalize       BatchNorm's normalisation with the batch's statistics, float32 sums
 
-The networks (`p2p_jax.models`) call only `conv4x4`, `conv_transpose4x4`, `conv1x1` and
-`batch_normalize`.
+The networks (`p2p_jax.models`) call only `conv4x4`, `conv_transpose4x4`, `conv1x1`,
+`batch_normalize` and its `pixel_count`.
 """
 
 from p2p_jax.ops.conv import IMPLS as CONV_IMPLS
@@ -27,6 +27,7 @@ from p2p_jax.ops.conv import conv4x4
 from p2p_jax.ops.conv_transpose import IMPLS as UPCONV_IMPLS
 from p2p_jax.ops.conv_transpose import conv_transpose4x4
 from p2p_jax.ops.normalize import batch_normalize
+from p2p_jax.ops.normalize import pixel_count
 
 __all__ = ["CONV_IMPLS", "UPCONV_IMPLS", "batch_normalize", "conv1x1", "conv4x4",
-           "conv_transpose4x4"]
+           "conv_transpose4x4", "pixel_count"]

@@ -30,7 +30,8 @@ def _pixels_sum(x: Array, axis_name: str | None) -> Array:
   return total if axis_name is None else lax.psum(total, axis_name)
 
 
-def _count(x: Array, axis_name: str | None) -> Array | int:
+def pixel_count(x: Array, axis_name: str | None = None) -> Array | int:
+  """How many pixels [N, H, W, C] x's statistics are over: this replica's, or every replica's."""
   count = x.shape[0] * x.shape[1] * x.shape[2]
   return count if axis_name is None else count * lax.psum(1, axis_name)
 
@@ -54,7 +55,7 @@ def batch_normalize(x: Array, scale: Array, bias: Array, epsilon: float,
 
 def _batch_normalize_fwd(x, scale, bias, epsilon, axis_name):
   x32 = x.astype(jnp.float32)
-  count = _count(x, axis_name)
+  count = pixel_count(x, axis_name)
   mean = _pixels_sum(x32, axis_name) / count
   # Two passes (mean, then the mean square deviation) keep the variance
   # accurate where E[x^2] - E[x]^2 would cancel.
@@ -75,7 +76,7 @@ def _batch_normalize_bwd(epsilon, axis_name, residuals, cotangents):
     total_bias, total_scale = grad_bias, grad_scale
   else:
     total_bias, total_scale = lax.psum((grad_bias, grad_scale), axis_name)
-  count = _count(x, axis_name)
+  count = pixel_count(x, axis_name)
   x_grad = (scale * inv) * (grad - (total_bias + normalized * total_scale) / count)
   return x_grad.astype(x.dtype), grad_scale, grad_bias
 

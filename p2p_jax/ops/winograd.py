@@ -149,17 +149,16 @@ def _winograd_conv_fwd(x, kernel, algorithm):
   taps = _winograd_kernel(kernel, algorithm).astype(x.dtype)
   products = [windows.dot(tile, tap, ((3,), (0,))) for tile, tap in zip(tiles, taps)]
   y = _winograd_untile(products, height - 1, width - 1, algorithm).astype(x.dtype)
-  return y, (tiles, taps, x.shape, jnp.zeros((0,), kernel.dtype))
+  return y, (tiles, taps, x.shape, kernel)
 
 
 def _winograd_conv_bwd(algorithm, residuals, grad):
-  tiles, taps, x_shape, kernel_dtype = residuals
+  tiles, taps, x_shape, stored_kernel = residuals
   n, height, width, c_in = x_shape
   c_out = grad.shape[-1]
-  points = algorithm.points ** 2
   product = jax.ShapeDtypeStruct(tiles[0].shape[:3] + (c_out,), jnp.float32)
   untile_t = jax.linear_transpose(
-      lambda p: _winograd_untile(p, height - 1, width - 1, algorithm), [product] * points)
+      lambda p: _winograd_untile(p, height - 1, width - 1, algorithm), [product] * len(taps))
   (grad_products,) = untile_t(grad.astype(jnp.float32))
   grad_products = [g.astype(grad.dtype) for g in grad_products]
   grad_tiles = [windows.dot(g, tap, ((3,), (1,))) for g, tap in zip(grad_products, taps)]
@@ -169,10 +168,10 @@ def _winograd_conv_bwd(algorithm, residuals, grad):
       lambda x: _winograd_tiles(x, algorithm),
       jax.ShapeDtypeStruct((n, height, width, c_in), jnp.float32))
   (x_grad,) = tiles_t(grad_tiles)
-  kernel_grad = windows.dot(_winograd_g2(algorithm), grad_taps.reshape(points, c_in * c_out),
+  kernel_grad = windows.dot(_winograd_g2(algorithm), grad_taps.reshape(len(taps), c_in * c_out),
                             ((0,), (0,)))
   return (x_grad.astype(grad.dtype),
-          kernel_grad.reshape(4, 4, c_in, c_out).astype(kernel_dtype.dtype))
+          kernel_grad.reshape(4, 4, c_in, c_out).astype(stored_kernel.dtype))
 
 
 winograd_conv.defvjp(_winograd_conv_fwd, _winograd_conv_bwd)
