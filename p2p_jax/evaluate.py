@@ -224,8 +224,10 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str) -> dict[str
 
   `config` None: the checkpoint's own config, as it was trained. A config may
   change what evaluation reads and how (split, data, batch size, number of
-  images, test mode, step), not the architecture: a field of EVAL_FIXED_FIELDS
-  that differs from the checkpoint's is a ConfigError naming it.
+  images, test mode, step), and how the generator computes
+  (`workdir.COMPUTE_FIELDS`: a bfloat16 run evaluated in float32, say), not the
+  architecture: a field of EVAL_FIXED_FIELDS that differs from the checkpoint's
+  is a ConfigError naming it.
   """
   if config is not None:
     config_checks.check_config(config, train=False)
@@ -233,6 +235,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str) -> dict[str
   restored = restore_checkpoint(workdir, step)
   # Every process, so that all stop together; before the evaluation, not after it.
   workdir_lib.check_writable(os.path.join(workdir, "eval"))
+  state = restored.state
   if config is None:
     config = restored.config
   else:
@@ -240,16 +243,20 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str) -> dict[str
         config, workdir_lib.as_dict(restored.config), workdir, fields=EVAL_FIXED_FIELDS,
         hint="Evaluation uses the checkpoint's architecture: drop that override (eval needs "
              "no --config at all).")
+    # The checkpoint's arrays in the config's networks: its dtype and forms.
+    state = state.replace(settings=step_lib.create_settings(config, steps_per_epoch=1))
   step = restored.step
   split = config.data.eval_split
-  logging.info("Evaluating step %d of %s on %d device(s), %s.", step, workdir,
-               jax.device_count(), describe_test_mode(config.eval.deterministic))
+  logging.info("Evaluating step %d of %s on %d device(s) in %s, %s.", step, workdir,
+               jax.device_count(), config.model.dtype,
+               describe_test_mode(config.eval.deterministic))
   out_dir = result_dir(workdir, step, split, config.eval.deterministic)
-  result = evaluate_split(devices.replicate(restored.state), config, split,
+  result = evaluate_split(devices.replicate(state), config, split,
                           deterministic=config.eval.deterministic, out_dir=out_dir,
                           max_images=config.eval.num_images, save_images=config.eval.save_images,
                           extra_scores=_extra_scores(config, workdir))
   result["step"] = step
+  result["dtype"] = config.model.dtype
   if jax.process_index() == 0:
     epath.Path(out_dir, "metrics.json").write_text(json.dumps(result, indent=2))
     images.write_step_index(os.path.dirname(out_dir), f"step {step} of {workdir}")

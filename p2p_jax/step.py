@@ -1,7 +1,8 @@
 """The pix2pix step: both networks, their train state, and one compiled update.
 
 Reads top to bottom: `create_model` builds G and D from the config,
-`create_train_state` initialises both with their optimisers in one pytree,
+`create_settings` adds their optimisers, schedule and loss weights,
+`create_train_state` initialises both networks with them in one pytree,
 `train_step` is the whole pix2pix iteration (one G forward, a D update, a G
 update against the updated D) as one pure function run under `jax.pmap`
 (`pmap_train_step`), and `eval_step` translates a batch at test time. The
@@ -122,17 +123,27 @@ class TrainState(flax.struct.PyTreeNode):
   settings: StepSettings = flax.struct.field(pytree_node=False)
 
 
-def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
-                       steps_per_epoch: float) -> TrainState:
-  """Initialises G and D (on one host, unreplicated) for `config.data.crop_size` images."""
+def create_settings(config: ml_collections.ConfigDict, steps_per_epoch: float) -> StepSettings:
+  """The step's settings for `config`: its modules, optimisers, schedule and loss weights."""
   if config.loss.gan_mode not in losses.GAN_MODES:
     raise ValueError(f"loss.gan_mode={config.loss.gan_mode!r} is not one of {losses.GAN_MODES}.")
   generator, discriminator = create_model(config.model)
   learning_rate_fn = create_learning_rate_fn(
       config.optim.learning_rate, steps_per_epoch, config.optim.n_epochs,
       config.optim.n_epochs_decay)
-  gen_tx = create_optimizer(config.optim, learning_rate_fn)
-  disc_tx = create_optimizer(config.optim, learning_rate_fn)
+  return StepSettings(generator=generator, discriminator=discriminator,
+                      gen_tx=create_optimizer(config.optim, learning_rate_fn),
+                      disc_tx=create_optimizer(config.optim, learning_rate_fn),
+                      learning_rate_fn=learning_rate_fn, gan_mode=config.loss.gan_mode,
+                      lambda_l1=float(config.loss.lambda_l1),
+                      lambda_gan=float(config.loss.lambda_gan))
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
+                       steps_per_epoch: float) -> TrainState:
+  """Initialises G and D (on one host, unreplicated) for `config.data.crop_size` images."""
+  settings = create_settings(config, steps_per_epoch)
+  generator, discriminator = settings.generator, settings.discriminator
   size = config.data.crop_size
   real_a = jnp.zeros((1, size, size, config.model.input_nc), jnp.float32)
   real_b = jnp.zeros((1, size, size, config.model.output_nc), jnp.float32)
@@ -146,13 +157,9 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
     def net_state(variables, tx):
       return NetState(params=variables["params"], batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(variables["params"]))
-    return net_state(gen_vars, gen_tx), net_state(disc_vars, disc_tx)
+    return net_state(gen_vars, settings.gen_tx), net_state(disc_vars, settings.disc_tx)
 
   gen_state, disc_state = init(rng)
-  settings = StepSettings(generator=generator, discriminator=discriminator, gen_tx=gen_tx,
-                          disc_tx=disc_tx, learning_rate_fn=learning_rate_fn,
-                          gan_mode=config.loss.gan_mode, lambda_l1=float(config.loss.lambda_l1),
-                          lambda_gan=float(config.loss.lambda_gan))
   return TrainState(step=jnp.zeros((), jnp.int32), generator=gen_state,
                     discriminator=disc_state, settings=settings)
 

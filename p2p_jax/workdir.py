@@ -183,17 +183,22 @@ def history(workdir: str) -> list[dict[str, Any]]:
 
 
 MODEL_FIELDS = ("model.", "data.crop_size")   # what a checkpoint's arrays depend on
+# ... but for these, which choose how a step computes, not what a checkpoint holds (float32
+# parameters, statistics and optimiser state in every dtype; one set of parameters for every
+# form): a run may resume, and a checkpoint be evaluated, under other values.
+COMPUTE_FIELDS = ("model.dtype", "model.conv_impl", "model.upconv_impl")
 
 
 def check_same_run(config: ml_collections.ConfigDict, saved: dict[str, Any] | None,
                    workdir: str, *, fields: tuple[str, ...] = MODEL_FIELDS,
-                   ignore: tuple[str, ...] = (), hint: str = "") -> None:
+                   ignore: tuple[str, ...] = COMPUTE_FIELDS, hint: str = "") -> None:
   """Refuses to go on with a run in `workdir` saved under other settings than `config`'s.
 
   Compares `saved` (a saved config as a dict; None: nothing to compare) with
   `config` in the fields that start with one of `fields` (empty: every field)
-  and with none of `ignore`; raises ValueError naming the first that differs,
-  both values, and `hint` (default: pass the saved value or use a new workdir).
+  and with none of `ignore` (default: `COMPUTE_FIELDS`); raises ValueError naming
+  the first that differs, both values, and `hint` (default: pass the saved value
+  or use a new workdir).
   """
   if saved is None:
     return

@@ -16,6 +16,7 @@ from configs import default
 from p2p_jax import checkpoints
 from p2p_jax import devices
 from p2p_jax import step as step_lib
+from p2p_jax import train
 from p2p_jax import validation
 from p2p_jax import workdir as workdir_lib
 from tests import damage as damage_lib
@@ -175,6 +176,34 @@ def test_a_config_of_another_architecture_is_refused_not_taken_for_damage(state,
     checkpointer.restore(lambda saved: fewer)
   assert checkpointer.restore(lambda saved: initial).damaged == ()
   checkpointer.close()
+
+
+@pytest.mark.parametrize("field, value", [("dtype", "bfloat16"), ("conv_impl", "xla"),
+                                          ("upconv_impl", "subpixel")])
+def test_a_run_resumes_under_another_dtype_or_other_forms(state, tmp_path, field, value):
+  """They choose how the step computes, not what a checkpoint holds: the arrays restore
+  as saved, into networks of the new config's dtype and forms."""
+  config, initial = state
+  saved = _bumped(initial, 1)
+  workdir_lib.save_config(config, str(tmp_path))
+  _saved(tmp_path, {2: saved}, config).close()
+  changed = default.get_config("smoke")
+  changed.model.update(ngf=4, ndf=4)
+  changed.model[field] = value
+  template = step_lib.create_train_state(jax.random.key(1), changed, steps_per_epoch=10)
+  checkpointer = checkpoints.Checkpointer(str(tmp_path))
+  try:
+    resumed = train._restore(checkpointer, template, changed, str(tmp_path))
+  finally:
+    checkpointer.close()
+  for got, want in zip(_leaves(resumed), _leaves(saved)):
+    np.testing.assert_array_equal(got, want)
+  assert getattr(resumed.settings.generator, field) == getattr(
+      template.settings.generator, field) != getattr(initial.settings.generator, field)
+  changed.model.ngf = 8                                        # the architecture still counts
+  with pytest.raises(validation.ConfigError, match=r"config.model.ngf=4"):
+    workdir_lib.check_same_run(changed, workdir_lib.load_config(str(tmp_path)).to_dict(),
+                               str(tmp_path))
 
 
 def test_config_history_and_model_mismatch_message(state, tmp_path):
