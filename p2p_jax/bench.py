@@ -184,6 +184,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
     raise FloatingPointError(f"The benchmarked step produced non-finite losses: {losses}")
 
   median = statistics.median(times)
+  memory = hardware.memory_mb(local_devices)      # while the state is alive
   optimizer_s, _, _ = time_optimizer(state)      # the last use of `state`: donated
   gflops = flops_per_step / median / 1e9 if flops_per_step else None
   dtype = config.model.dtype
@@ -195,7 +196,6 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
     peak_gflops = hardware.peak_flops(peak, dtype) / 1e9 * len(local_devices)
     peak_source = peak.source
   model_gflops = model_flops / median / 1e9
-  memory = hardware.memory_mb(local_devices)
   return {
       "mode": "step",
       "sec_per_step_median": median,

@@ -3,8 +3,10 @@
 `python -m p2p_jax.main --workdir=DIR --mode=eval` restores the newest checkpoint
 that verifies (or `config.eval.step`) on whatever devices this machine has, with
 the config it was trained with (or a `--config` that changes what is evaluated,
-not the architecture), and writes into `DIR/eval/step_<N>/<split>_<mode>/`
-(mode: `paper` or `deterministic`) `metrics.json`, `images/<name>_{real_a,
+or the dtype and forms it runs in, not the architecture), and writes into
+`DIR/eval/step_<N>/<split>_<mode>/` (mode: `paper` or `deterministic`; with
+`_<dtype>_<conv_impl>_<upconv_impl>` added where those differ from the
+checkpoint's) `metrics.json`, `images/<name>_{real_a,
 fake_b,real_b}.png` and `index.html`, the images with their scores, worst first;
 `DIR/eval/step_<N>/index.html` links the modes and splits evaluated.
 
@@ -57,9 +59,13 @@ def mode_name(deterministic: bool) -> str:
   return "deterministic" if deterministic else "paper"
 
 
-def result_dir(workdir: str, step: int, split: str, deterministic: bool) -> str:
-  """Where eval writes one test mode of one split: eval/step_N/<split>_<mode>/."""
-  return os.path.join(workdir, "eval", f"step_{step}", f"{split}_{mode_name(deterministic)}")
+def result_dir(workdir: str, step: int, split: str, deterministic: bool,
+               compute: tuple[str, ...] = ()) -> str:
+  """Where eval writes one test mode of one split: eval/step_N/<split>_<mode>/, or
+  eval/step_N/<split>_<mode>_<compute...>/ for a dtype and forms other than the
+  checkpoint's (`compute`: their values), beside the checkpoint's own."""
+  name = "_".join((split, mode_name(deterministic)) + tuple(compute))
+  return os.path.join(workdir, "eval", f"step_{step}", name)
 
 
 def describe_data(config: ml_collections.ConfigDict) -> str:
@@ -235,22 +241,29 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str) -> dict[str
   restored = restore_checkpoint(workdir, step)
   # Every process, so that all stop together; before the evaluation, not after it.
   workdir_lib.check_writable(os.path.join(workdir, "eval"))
-  state = restored.state
+  state, compute = restored.state, ()
   if config is None:
     config = restored.config
   else:
+    saved = workdir_lib.as_dict(restored.config)
     workdir_lib.check_same_run(
-        config, workdir_lib.as_dict(restored.config), workdir, fields=EVAL_FIXED_FIELDS,
+        config, saved, workdir, fields=EVAL_FIXED_FIELDS,
         hint="Evaluation uses the checkpoint's architecture: drop that override (eval needs "
              "no --config at all).")
-    # The checkpoint's arrays in the config's networks: its dtype and forms.
-    state = state.replace(settings=step_lib.create_settings(config, steps_per_epoch=1))
+    changes = workdir_lib.compute_changes(config, saved)
+    if changes:
+      # The checkpoint's arrays in the config's networks, its results in their own directory.
+      state = state.replace(settings=step_lib.create_settings(config, steps_per_epoch=1))
+      compute = tuple(str(config.model[field.removeprefix("model.")])
+                      for field in workdir_lib.COMPUTE_FIELDS)
+      logging.warning("Evaluating in other settings than step %d was trained in: %s.",
+                      restored.step, workdir_lib.describe_changes(changes))
   step = restored.step
   split = config.data.eval_split
   logging.info("Evaluating step %d of %s on %d device(s) in %s, %s.", step, workdir,
                jax.device_count(), config.model.dtype,
                describe_test_mode(config.eval.deterministic))
-  out_dir = result_dir(workdir, step, split, config.eval.deterministic)
+  out_dir = result_dir(workdir, step, split, config.eval.deterministic, compute)
   result = evaluate_split(devices.replicate(state), config, split,
                           deterministic=config.eval.deterministic, out_dir=out_dir,
                           max_images=config.eval.num_images, save_images=config.eval.save_images,

@@ -27,7 +27,8 @@ flags.DEFINE_integer("num_processes", None, "Number of processes, for --distribu
 flags.DEFINE_integer("process_id", None, "This process's index, for --distributed.")
 config_flags.DEFINE_config_file(
     "config", None, "Configuration file (training). Eval reads the checkpoint's own; a --config "
-    "there may change what is evaluated (split, data, eval.*), not the architecture.",
+    "there may change what is evaluated (split, data, eval.*) and the dtype and forms it runs "
+    "in (model.dtype, model.conv_impl, model.upconv_impl), not the architecture.",
     lock_config=True)
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS

@@ -121,6 +121,11 @@ def _restore(checkpointer: checkpoints.Checkpointer, state: step_lib.TrainState,
   restored = checkpointer.restore(template_for)
   checkpointer.set_aside(restored.damaged)
   logging.info("Resuming from the checkpoint of step %d in %s.", restored.step, workdir)
+  changes = workdir_lib.compute_changes(
+      config, workdir_lib.as_dict(restored.config) if restored.config else fallback)
+  if changes:
+    logging.warning("Resuming in other settings than step %d was trained in: %s.",
+                    restored.step, workdir_lib.describe_changes(changes))
   return restored.state
 
 

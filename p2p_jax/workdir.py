@@ -196,9 +196,9 @@ def check_same_run(config: ml_collections.ConfigDict, saved: dict[str, Any] | No
 
   Compares `saved` (a saved config as a dict; None: nothing to compare) with
   `config` in the fields that start with one of `fields` (empty: every field)
-  and with none of `ignore` (default: `COMPUTE_FIELDS`); raises ValueError naming
-  the first that differs, both values, and `hint` (default: pass the saved value
-  or use a new workdir).
+  and with none of `ignore` (default: `COMPUTE_FIELDS`; an `ignore` given
+  replaces them); raises a ConfigError naming the first that differs, both
+  values, and `hint` (default: pass the saved value or use a new workdir).
   """
   if saved is None:
     return
@@ -208,6 +208,21 @@ def check_same_run(config: ml_collections.ConfigDict, saved: dict[str, Any] | No
     fix = hint or f"Use a new --workdir, or pass --config.{field}={old!r}."
     raise validation.ConfigError(f"{workdir} holds a run with config.{field}={old!r}, but this "
                                  f"config says {new!r}. {fix}")
+
+
+def compute_changes(config: ml_collections.ConfigDict, saved: dict[str, Any] | None
+                    ) -> list[tuple[str, Any, Any]]:
+  """(field, saved value, config's value) for each of `COMPUTE_FIELDS` in which `config`
+  differs from `saved` (a saved config as a dict; None: none)."""
+  if saved is None:
+    return []
+  return [difference for difference in config_differences(saved, as_dict(config))
+          if difference[0].startswith(COMPUTE_FIELDS)]
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+  """'model.dtype bfloat16 -> float32, ...' for `compute_changes`' list."""
+  return ", ".join(f"{field} {old} -> {new}" for field, old, new in changes)
 
 
 def _now() -> str:

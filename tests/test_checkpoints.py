@@ -2,6 +2,7 @@
 the newest good step, self-describing checkpoints, and the workdir's config, history and lock."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -180,9 +181,10 @@ def test_a_config_of_another_architecture_is_refused_not_taken_for_damage(state,
 
 @pytest.mark.parametrize("field, value", [("dtype", "bfloat16"), ("conv_impl", "xla"),
                                           ("upconv_impl", "subpixel")])
-def test_a_run_resumes_under_another_dtype_or_other_forms(state, tmp_path, field, value):
+def test_a_run_resumes_under_another_dtype_or_other_forms(state, tmp_path, caplog, field,
+                                                         value):
   """They choose how the step computes, not what a checkpoint holds: the arrays restore
-  as saved, into networks of the new config's dtype and forms."""
+  as saved, into networks of the new config's dtype and forms, and the log says so."""
   config, initial = state
   saved = _bumped(initial, 1)
   workdir_lib.save_config(config, str(tmp_path))
@@ -193,13 +195,14 @@ def test_a_run_resumes_under_another_dtype_or_other_forms(state, tmp_path, field
   template = step_lib.create_train_state(jax.random.key(1), changed, steps_per_epoch=10)
   checkpointer = checkpoints.Checkpointer(str(tmp_path))
   try:
-    resumed = train._restore(checkpointer, template, changed, str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+      resumed = train._restore(checkpointer, template, changed, str(tmp_path))
   finally:
     checkpointer.close()
   for got, want in zip(_leaves(resumed), _leaves(saved)):
     np.testing.assert_array_equal(got, want)
-  assert getattr(resumed.settings.generator, field) == getattr(
-      template.settings.generator, field) != getattr(initial.settings.generator, field)
+  assert resumed.settings is template.settings
+  assert f"model.{field} {config.model[field]} -> {value}" in caplog.text
   changed.model.ngf = 8                                        # the architecture still counts
   with pytest.raises(validation.ConfigError, match=r"config.model.ngf=4"):
     workdir_lib.check_same_run(changed, workdir_lib.load_config(str(tmp_path)).to_dict(),

@@ -254,12 +254,19 @@ def test_each_test_mode_has_its_own_directory_and_the_architecture_is_the_checkp
   with pytest.raises(validation.ConfigError, match=r"config.model.ngf=8, but this config says "
                      r"16\. Evaluation uses the checkpoint's architecture"):
     evaluate.evaluate(_smoke_config(model__ngf=16), workdir)
-  # The dtype is not the architecture: the float32 run's checkpoint evaluated in bfloat16.
+  # The dtype is not the architecture: the float32 run's checkpoint evaluated in bfloat16,
+  # into a directory of its own beside the float32 results.
   bfloat16 = evaluate.evaluate(_smoke_config(eval__deterministic=True, model__dtype="bfloat16"),
                                workdir)
   assert (bfloat16["dtype"], deterministic["dtype"]) == ("bfloat16", "float32")
   assert bfloat16["l1"] != deterministic["l1"]
   assert bfloat16["l1"] == pytest.approx(deterministic["l1"], abs=0.02)
+  for result, compute in ((deterministic, ()), (bfloat16, ("bfloat16", "auto", "auto"))):
+    with open(os.path.join(evaluate.result_dir(workdir, 40, "test", True, compute),
+                           "metrics.json")) as f:
+      assert json.load(f)["l1"] == result["l1"]
+  with open(os.path.join(workdir, "eval", "step_40", "index.html")) as f:
+    assert "test_deterministic_bfloat16_auto_auto/index.html" in f.read()
 
 
 def test_predict_a_folder_of_mixed_images(trained, tmp_path):
