@@ -344,16 +344,15 @@ _LAYER_BYTES_LIMIT = 2 ** 31
 
 
 def _layer_form(layer: choose.Layer, form: str) -> Any:
-  """The layer in `form`; `float32`: in float32's form for its shapes, its input cast up
-  and its output back (how a bfloat16 layer `choose.in_float32` names runs)."""
+  """The layer in `form`; `float32`: `by_shape` on its input cast up, its output cast
+  back (how a bfloat16 layer `choose.in_float32` names runs)."""
   from p2p_jax.ops import conv, conv_transpose  # pylint: disable=g-import-not-at-top
   if form == "float32":
     if layer.kind == "conv4x4":
-      form = choose.conv_form(layer.x_shape, layer.kernel_shape, layer.stride, jnp.float32)
+      by_shape = lambda x, kernel: conv.conv4x4(x, kernel, layer.stride, "by_shape")
     else:
-      form = choose.conv_transpose_form(layer.x_shape, layer.kernel_shape[3], jnp.float32)
-    in_form = _layer_form(layer, form)
-    return lambda x, kernel: in_form(x.astype(jnp.float32), kernel).astype(x.dtype)
+      by_shape = lambda x, kernel: conv_transpose.conv_transpose4x4(x, kernel, "by_shape")
+    return lambda x, kernel: by_shape(x.astype(jnp.float32), kernel).astype(x.dtype)
   if layer.kind == "conv4x4":
     return lambda x, kernel: conv.FORMS[form](x, kernel, layer.stride)
   return conv_transpose.FORMS[form]
