@@ -7,9 +7,10 @@
   python -m p2p_jax.bench --config=configs/demo.py --mode=loop --steps=50
 
 `step` mode builds G and D from the config, replicates the train state over all
-local devices and times `step.pmap_train_step` (state donated, as in training)
-on one fixed batch of uniform noise of the configured size. It reports compile
-time, the median step time, the time of its optimiser updates alone
+local devices and times `step.pmap_train_step` (its state donated where training
+donates it, `step.donates_state`, unless `--donate` says otherwise) on one fixed
+batch of uniform noise of the configured size. It reports compile time, whether
+the state was donated, the median step time, the time of its optimiser updates alone
 (`time_optimizer`: Adam over float32 parameters and moments, which a bfloat16
 model does not shorten), images/s, the forms each layer kind runs, the
 model's FLOPs per step (`step.model_flops`: counted from the layer shapes, the
@@ -105,23 +106,26 @@ def _random_batch(config: ml_collections.ConfigDict, noise: np.random.Generator
           "real_b": noise.uniform(-1, 1, shape + (config.model.output_nc,)).astype(np.float32)}
 
 
-def time_optimizer(state: step_lib.TrainState, repeats: int = 10
+def time_optimizer(state: step_lib.TrainState, repeats: int = 10, donate: bool | None = None
                    ) -> tuple[float, step_lib.NetState, step_lib.NetState]:
   """Median seconds of the step's optimiser updates alone: both networks' Adam, which
   reads and writes float32 parameters and moments whatever the compute dtype.
 
-  Pmapped and donated as in the step, on gradients of the parameters' shapes (every
-  element 1e-3). `state` is replicated over the local devices; its networks' buffers
-  are donated. Returns the time and both networks' states after the `repeats` + 1
-  updates (the first one compiles).
+  Pmapped, and donated (default: `step.donates_state`) as in the step, on gradients of
+  the parameters' shapes (every element 1e-3). `state` is replicated over the local
+  devices; where donated, its networks' buffers can no longer be read. Returns the
+  time and both networks' states after the `repeats` + 1 updates (the first one
+  compiles).
   """
   settings = state.settings
+  if donate is None:
+    donate = step_lib.donates_state()
 
   def update(gen, disc, gen_grads, disc_grads):
     return (gen.apply_gradients(gen_grads, gen.batch_stats, settings.gen_tx),
             disc.apply_gradients(disc_grads, disc.batch_stats, settings.disc_tx))
 
-  update = jax.pmap(update, axis_name=step_lib.AXIS_NAME, donate_argnums=(0, 1))
+  update = jax.pmap(update, axis_name=step_lib.AXIS_NAME, donate_argnums=(0, 1) if donate else ())
   gen_grads, disc_grads = devices.replicate(jax.tree.map(
       lambda p: np.full(p.shape[1:], 1e-3, p.dtype),
       (state.generator.params, state.discriminator.params)))
@@ -136,7 +140,8 @@ def time_optimizer(state: step_lib.TrainState, repeats: int = 10
   return statistics.median(times), gen, disc
 
 
-def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
+        donate: bool | None = None) -> dict[str, Any]:
   """Compiles and times the pmapped train step; returns the figures (see the module doc).
 
   Args:
@@ -145,6 +150,8 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
       local devices.
     steps: timed steps, at least 1.
     warmup: untimed steps run after compiling.
+    donate: whether the step donates its state; default: as training does
+      (`step.donates_state`).
   """
   if steps < 1 or warmup < 0:
     raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0.")
@@ -162,7 +169,9 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
   rng = jax.random.key(config.seed + 1)
 
   start = time.perf_counter()
-  step = step_lib.pmap_train_step(donate=True).lower(state, batch, rng).compile()
+  if donate is None:
+    donate = step_lib.donates_state(local_devices)
+  step = step_lib.pmap_train_step(donate=donate).lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - start
   # The compiled program is one replica's; every device runs it.
   per_device_flops = _flops(step)
@@ -185,7 +194,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
 
   median = statistics.median(times)
   memory = hardware.memory_mb(local_devices)      # while the state is alive
-  optimizer_s, _, _ = time_optimizer(state)      # the last use of `state`: donated
+  optimizer_s, _, _ = time_optimizer(state, donate=donate)   # the last use of `state`
   gflops = flops_per_step / median / 1e9 if flops_per_step else None
   dtype = config.model.dtype
   matmul = matmul_gflops(local_devices[0], dtype=dtype) * len(local_devices)
@@ -202,6 +211,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
       "sec_per_step_min": min(times),
       "images_per_sec": config.batch_size / median,
       "optimizer_sec": optimizer_s,
+      "donated": donate,
       "compile_s": compile_s,
       "flops_per_step": flops_per_step,
       "gflops_per_sec": gflops,
@@ -526,7 +536,7 @@ def _checked_training(config: ml_collections.ConfigDict, steps: int) -> dict[str
   """`steps` real train steps on fresh random batches; raises unless every loss is finite."""
   state = devices.replicate(step_lib.create_train_state(jax.random.key(0), config,
                                                         steps_per_epoch=1e9))
-  train_step = step_lib.pmap_train_step(donate=True)
+  train_step = step_lib.pmap_train_step()
   noise = np.random.default_rng(0)
   history = []
   start = time.perf_counter()
@@ -566,7 +576,8 @@ def _summary(result: dict[str, Any]) -> str:
   return (f"{result['backend']} x{result['devices']}, batch {result['batch_size']} at "
           f"{result['image_size']}px: {result['sec_per_step_median']:.3f} s/step "
           f"({result['optimizer_sec']:.3f} of it the optimiser alone), "
-          f"{result['images_per_sec']:.2f} images/s{rate}; compile {result['compile_s']:.1f} s")
+          f"{result['images_per_sec']:.2f} images/s{rate}; compile {result['compile_s']:.1f} s; "
+          f"state {'donated' if result['donated'] else 'not donated'}")
 
 
 FLAGS = flags.FLAGS   # the flags themselves are defined by `_define_flags`, run as a program
@@ -580,6 +591,9 @@ def _define_flags() -> None:
   flags.DEFINE_bool("smoke", False, "check mode: smaller batches and fewer steps (for a CPU).")
   flags.DEFINE_integer("steps", 10, "Timed steps (step, loop) or batches (pipeline mode).")
   flags.DEFINE_integer("warmup", 2, "Untimed steps run after compiling (step, loop).")
+  flags.DEFINE_enum("donate", "auto", ["auto", "yes", "no"],
+                    "step mode: donate the state to the step (yes), or not (no); auto does "
+                    "as training does (step.donates_state: on accelerators, not on CPUs).")
   config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
   flags.mark_flags_as_required(["config"])
 
@@ -588,7 +602,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.mode == "step":
-    result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup)
+    result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup,
+                 donate={"auto": None, "yes": True, "no": False}[FLAGS.donate])
   elif FLAGS.mode == "check":
     result = run_check(FLAGS.config, smoke=FLAGS.smoke)
   elif FLAGS.mode == "layers":

@@ -22,7 +22,7 @@ _FIELDS = ("sec_per_step_median", "images_per_sec", "compile_s", "flops_per_step
            "model_gflops_per_sec", "mfu", "peak_gflops_per_sec", "peak_source", "forms",
            "params_generator", "params_discriminator", "batch_size", "image_size", "devices",
            "backend", "peak_rss_mb", "page_faults_per_step", "malloc", "device_memory_in_use_mb",
-           "peak_device_memory_mb", "optimizer_sec")
+           "peak_device_memory_mb", "optimizer_sec", "donated")
 
 
 def _smoke_config(**overrides):
@@ -66,6 +66,7 @@ def test_step_mode_reports_every_field_from_the_real_step():
   assert result["page_faults_per_step"] >= 0
   assert result["malloc"] == hardware.freed_memory_policy   # None: imported, not run as a program
   assert result["optimizer_sec"] > 0
+  assert result["donated"] is False               # as training on CPUs: step.donates_state
 
 
 def test_the_optimizer_timing_runs_the_steps_adam_on_every_device():
@@ -78,8 +79,15 @@ def test_the_optimizer_timing_runs_the_steps_adam_on_every_device():
     for _ in range(3):          # the compiling update and the two timed ones
       net = net.apply_gradients(grads, net.batch_stats, tx)
     expected[name] = net
-  seconds, gen, disc = bench.time_optimizer(devices.replicate(state), repeats=2)
+  replicated, donated = devices.replicate(state), devices.replicate(state)
+  seconds, gen, disc = bench.time_optimizer(replicated, repeats=2)
   assert seconds > 0
+  # Undonated on these CPUs, as the step (step.donates_state): the state given stays readable.
+  first = jax.tree.leaves(replicated.generator.params)[0]
+  np.testing.assert_array_equal(first[0], jax.tree.leaves(state.generator.params)[0])
+  _, donated_gen, _ = bench.time_optimizer(donated, repeats=2, donate=True)
+  assert jax.tree.leaves(donated.generator.params)[0].is_deleted()
+  jax.tree.map(np.testing.assert_array_equal, donated_gen.params, gen.params)
   for name, net in (("generator", gen), ("discriminator", disc)):
     want = expected[name]
     assert not np.allclose(jax.tree.leaves(want.params)[0],
@@ -94,7 +102,9 @@ def test_the_optimizer_timing_runs_the_steps_adam_on_every_device():
 
 def test_forms_of_the_layers_count_the_same_parameters():
   auto = bench.run(_smoke_config(), steps=1, warmup=0)
-  xla = bench.run(_smoke_config(conv_impl="xla", upconv_impl="subpixel"), steps=1, warmup=0)
+  xla = bench.run(_smoke_config(conv_impl="xla", upconv_impl="subpixel"), steps=1, warmup=0,
+                  donate=True)
+  assert xla["donated"] is True and all(np.isfinite(list(xla["losses"].values())))
   assert (auto["params_generator"], auto["params_discriminator"]) == (
       xla["params_generator"], xla["params_discriminator"])
   assert auto["conv_impl"] == "auto" and xla["conv_impl"] == "xla"
@@ -176,11 +186,12 @@ def test_step_mode_runs_where_only_jax_is_installed():
   env.pop("XLA_FLAGS", None)                    # one CPU device
   out = subprocess.run(
       [sys.executable, "-c", _BLOCKER, "--config=configs/default.py:smoke",
-       "--config.batch_size=1", "--steps=1", "--warmup=0"],
+       "--config.batch_size=1", "--steps=1", "--warmup=0", "--donate=yes"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["mode"] == "step" and set(_FIELDS) <= set(result) and result["devices"] == 1
+  assert result["donated"] is True and "state donated" in out.stderr   # --donate=yes on a CPU
 
 
 def test_the_accelerator_check_runs_in_its_smoke_mode():

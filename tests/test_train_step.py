@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,26 @@ def test_step_compiles_once(caplog):
     jax.block_until_ready(metrics)
   assert not [r for r in caplog.records if "train_step" in r.getMessage()]
   assert int(devices.unreplicate(state).step) == 4
+
+
+def test_the_state_is_donated_on_accelerators_and_not_on_cpus():
+  cpus = jax.local_devices()
+  assert not step_lib.donates_state(cpus) and not step_lib.donates_state()
+  for platform in ("gpu", "tpu"):
+    assert step_lib.donates_state([types.SimpleNamespace(platform=platform)])
+  config = _small_config()
+  state = step_lib.create_train_state(jax.random.key(0), config, 10)
+  batch, rng = devices.shard(_batch()), jax.random.key(1)
+  kept, donated = devices.replicate(state), devices.replicate(state)
+  new_kept, _ = step_lib.pmap_train_step()(kept, batch, rng)
+  new_donated, _ = step_lib.pmap_train_step(donate=True)(donated, batch, rng)
+  # On these CPUs the default step leaves the state it was given as it was ...
+  for given, initial in zip(jax.tree.leaves(kept), jax.tree.leaves(state)):
+    assert not given.is_deleted()
+    np.testing.assert_array_equal(given[0], initial)
+  # ... a donating one consumes it; both compute the same new state.
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(donated.generator.params))
+  jax.tree.map(np.testing.assert_array_equal, new_kept, new_donated)
 
 
 def test_dropout_differs_per_replica_and_per_step():
