@@ -111,9 +111,10 @@ def time_optimizer(state: step_lib.TrainState, repeats: int = 10, donate: bool |
   """Median seconds of the step's optimiser updates alone: both networks' Adam, which
   reads and writes float32 parameters and moments whatever the compute dtype.
 
-  Pmapped, and donated (default: `step.donates_state`) as in the step, on gradients of
-  the parameters' shapes (every element 1e-3). `state` is replicated over the local
-  devices; where donated, its networks' buffers can no longer be read. Returns the
+  Pmapped as in the step, its state donated where the step donates it (default:
+  `step.donates_state`), on gradients of the parameters' shapes (every element 1e-3).
+  `state` is replicated over the local devices; where donated, its networks' buffers
+  can no longer be read. Returns the
   time and both networks' states after the `repeats` + 1 updates (the first one
   compiles).
   """
@@ -168,11 +169,13 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
   state = devices.replicate(state)
   rng = jax.random.key(config.seed + 1)
 
-  start = time.perf_counter()
   if donate is None:
     donate = step_lib.donates_state(local_devices)
-  step = step_lib.pmap_train_step(donate=donate).lower(state, batch, rng).compile()
+  start = time.perf_counter()
+  step = step_lib.pmap_train_step(donate=bool(donate)).lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - start
+  # What the compiled program does: its outputs alias its inputs only where donated.
+  donated = "input_output_alias" in step.as_text()
   # The compiled program is one replica's; every device runs it.
   per_device_flops = _flops(step)
   flops_per_step = per_device_flops * len(local_devices) if per_device_flops is not None else None
@@ -194,7 +197,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
 
   median = statistics.median(times)
   memory = hardware.memory_mb(local_devices)      # while the state is alive
-  optimizer_s, _, _ = time_optimizer(state, donate=donate)   # the last use of `state`
+  optimizer_s, _, _ = time_optimizer(state, donate=donated)   # the last use of `state`
   gflops = flops_per_step / median / 1e9 if flops_per_step else None
   dtype = config.model.dtype
   matmul = matmul_gflops(local_devices[0], dtype=dtype) * len(local_devices)
@@ -211,7 +214,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
       "sec_per_step_min": min(times),
       "images_per_sec": config.batch_size / median,
       "optimizer_sec": optimizer_s,
-      "donated": donate,
+      "donated": donated,
       "compile_s": compile_s,
       "flops_per_step": flops_per_step,
       "gflops_per_sec": gflops,

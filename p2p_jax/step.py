@@ -276,10 +276,12 @@ def donates_state(local_devices: list[jax.Device] | tuple[jax.Device, ...] | Non
   updates conservatively: it copies every donated array that an update could
   overwrite before its last reader has run (donated, the demo's step holds 159
   more copies than undonated, 116 of them of whole parameters and moments), and
-  those copies cost more than fresh buffers. Undonated, the CPU step ran 5-20% faster
-  (README's Speed section has the figures); the cost is one more state
-  (parameters and both moments) at the peak, 0.1 GB for the demo, 0.7 GB for
-  the 256x256 networks.
+  those copies cost more than fresh buffers. Undonated, the CPU step ran up to 10%
+  faster (unet_256 in bfloat16 at batch 1; within the noise for the demo in bfloat16;
+  README's Speed section has the figures). The cost is memory: the old state
+  (parameters and both moments: 0.1 GB for the demo, 0.7 GB for the 256x256
+  networks) lives beside the new one, and the peak resident memory of a 256x256
+  step at batch 1 rose by 1.2-1.4 GB.
   """
   return any(device.platform != "cpu" for device in (local_devices or jax.local_devices()))
 
@@ -292,7 +294,8 @@ def _pmapped_train_step(donate: bool, local_devices: tuple[jax.Device, ...] | No
                   donate_argnums=(0,) if donate else (), devices=local_devices)
 
 
-def pmap_train_step(donate: bool | None = None, local_devices: list[jax.Device] | None = None,
+def pmap_train_step(donate: bool | None = None,
+                    local_devices: list[jax.Device] | tuple[jax.Device, ...] | None = None,
                     prep: Preprocess | None = None) -> Callable:
   """The step compiled under pmap over `local_devices` (default: all local devices).
 
