@@ -5,7 +5,7 @@
 
 The paper's model and losses at 64x64 (a 6-level U-Net, ngf = ndf = 32) on the
 synthetic labels2facades task, the embedded counterpart of the paper's facades:
-no download, and after 3,000 steps (about 7 steps/s on an idle 2-core CPU) the
+no download, and after 3,000 steps (about 15 steps/s on an idle 2-core CPU) the
 outputs show walls, windows, balconies, doors and roofs where the labels put
 them. `--config.data.name=edges2objects` trains the edges -> objects task.
 
