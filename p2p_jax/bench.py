@@ -114,9 +114,8 @@ def time_optimizer(state: step_lib.TrainState, repeats: int = 10, donate: bool |
   Pmapped as in the step, its state donated where the step donates it (default:
   `step.donates_state`), on gradients of the parameters' shapes (every element 1e-3).
   `state` is replicated over the local devices; where donated, its networks' buffers
-  can no longer be read. Returns the
-  time and both networks' states after the `repeats` + 1 updates (the first one
-  compiles).
+  can no longer be read. Returns the time and both networks' states after the
+  `repeats` + 1 updates (the first one compiles).
   """
   settings = state.settings
   if donate is None:
